@@ -1,0 +1,1 @@
+"""Packaged configuration: the site defaults (``default.toml``) that every run starts from."""

@@ -1,0 +1,1 @@
+"""The PyQt6 + pyqtgraph operator console (arrives with the console issue)."""
