@@ -187,7 +187,7 @@ class IgtlTrackerDriver:
             backoff = 0.05
             self.connected = True
             self.counts["connects"] += 1
-            self._emit_event("connected", "%s:%d" % self._address)
+            self._emit_event("connected", f"{self._address[0]}:{self._address[1]}")
             try:
                 reason = self._read_stream(sock)
             except OSError as exc:

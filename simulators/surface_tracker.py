@@ -153,6 +153,7 @@ class SurfaceTrackerSim:
         message.header_version = 2
         message.message_id = self._seq
         data = message.pack()
+        t_sent = self._clock()  # before the send: the controller may act before sendall returns
         delivered = False
         for client in clients:
             try:
@@ -165,7 +166,7 @@ class SurfaceTrackerSim:
             self.sent.append(
                 SentFrame(
                     self._seq,
-                    self._clock(),
+                    t_sent,
                     patient_t,
                     tuple(float(v) for v in matrix[:3, 3]),
                     state.target_mm,

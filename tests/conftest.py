@@ -15,7 +15,7 @@ def shared_data(*parts: str) -> Path:
     """A path under ../shared/data; skips the test with the reason if it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (../shared/data beside the checkout)")
+        pytest.skip(f"real data not available: {path} is absent (../shared/data beside the repo)")
     return path
 
 

@@ -1,0 +1,315 @@
+"""``motionctl``: the command line. The only place, with the controller, that wires
+simulators, drivers, core and session log together; the only place that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from motionctl import __version__
+from motionctl.config import ConfigError, load_config
+from motionctl.sessionlog import LogFormatError, SessionLogWriter, export_csv, summarize
+
+DESCRIPTION = """\
+motionctl: respiratory motion management and gating for liver SBRT.
+
+  sim          the simulated treatment session: rig + controller (the demo)
+  rig          the simulated devices alone; prints their addresses
+  run          the controller against the devices named in the config
+  log info     summarise a session log
+  log export   write a session log's tables as CSV
+"""
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="site config (TOML) over the defaults")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one config key, e.g. --set gating.window_mm=4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="motionctl",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"motionctl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sim = sub.add_parser(
+        "sim",
+        help="run a simulated treatment session (rig + controller)",
+        description="Start the simulated patient and devices, connect the controller to them "
+        "over their real transports, and record the session. A simulated operator enables "
+        "the beam after session.operator_enable_after_s. Ctrl-C stops it.",
+    )
+    _add_config_options(sim)
+    sim.add_argument("--seconds", type=float, help="stop by itself after N seconds")
+    sim.add_argument(
+        "--log",
+        metavar="FILE",
+        help="session log to write (default: new file in session.sessions_dir)",
+    )
+    sim.add_argument("--json", action="store_true", help="end with a JSON summary on stdout")
+
+    rig = sub.add_parser(
+        "rig",
+        help="start the simulated devices and print their addresses",
+        description="Start the simulated patient, surface tracker (OpenIGTLink on TCP) and "
+        "linac gating interface (serial pty), print their addresses, and run until stopped.",
+    )
+    _add_config_options(rig)
+    rig.add_argument("--seconds", type=float, help="stop by itself after N seconds")
+
+    run = sub.add_parser(
+        "run",
+        help="run the controller against the devices in the config",
+        description="Connect to the surface tracker at devices.surface.host:port and the "
+        "gating interface at devices.beam.url, and gate. The beam stays held until an "
+        "operator enables it (--enable-after, for rig commissioning without a console).",
+    )
+    _add_config_options(run)
+    run.add_argument("--seconds", type=float, help="stop by itself after N seconds")
+    run.add_argument("--log", metavar="FILE", help="session log to write")
+    run.add_argument("--json", action="store_true", help="end with a JSON summary on stdout")
+    run.add_argument(
+        "--enable-after",
+        type=float,
+        metavar="S",
+        help="enable the beam S seconds after start (logged as operator 'cli')",
+    )
+
+    logp = sub.add_parser(
+        "log", help="inspect session logs", description="Inspect a recorded session log."
+    )
+    logsub = logp.add_subparsers(dest="log_command", metavar="ACTION")
+    info = logsub.add_parser("info", help="duration, devices, samples, beam-on time, holds")
+    info.add_argument("file")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    export = logsub.add_parser("export", help="write every table as CSV")
+    export.add_argument("file")
+    export.add_argument("--csv", required=True, metavar="DIR", help="output folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command in ("sim", "run"):
+            return _session(args)
+        if args.command == "rig":
+            return _rig(args)
+        if args.command == "log" and args.log_command == "info":
+            return _log_info(args)
+        if args.command == "log" and args.log_command == "export":
+            for path in export_csv(args.file, args.csv):
+                print(path)
+            return 0
+    except ConfigError as exc:
+        print(f"motionctl: {exc}", file=sys.stderr)
+        return 2
+    except (LogFormatError, FileExistsError) as exc:
+        print(f"motionctl: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2 if args.command else 0
+
+
+def _stop_event_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _rig(args: argparse.Namespace) -> int:
+    from motionctl.simulators.rig import Rig
+
+    cfg = load_config(args.config, args.overrides)
+    stop = _stop_event_on_signals()
+    with Rig(cfg) as rig:
+        for name, address in rig.addresses().items():
+            print(f"{name}: {address}", flush=True)
+        print("rig running; Ctrl-C stops it", file=sys.stderr, flush=True)
+        stop.wait(args.seconds)
+    return 0
+
+
+def _default_log_path(cfg: dict[str, Any]) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return Path(cfg["session"]["sessions_dir"]) / f"session-{stamp}.sqlite"
+
+
+def _session(args: argparse.Namespace) -> int:
+    from motionctl.controller import Controller
+
+    cfg = load_config(args.config, args.overrides)
+    rig = None
+    if args.command == "sim":
+        from motionctl.simulators.rig import Rig
+
+        rig = Rig(cfg)
+        rig.start()
+        surface_address = rig.surface.address
+        beam_url = rig.linac.path
+        enable_after = cfg["session"]["operator_enable_after_s"]
+        operator = "simulated_operator"
+    else:
+        surface = cfg["devices"]["surface"]
+        surface_address = (surface["host"], surface["port"])
+        beam_url = cfg["devices"]["beam"]["url"]
+        if not beam_url:
+            raise ConfigError(
+                "the config",
+                "devices.beam.url",
+                beam_url,
+                "the gating interface's serial device or URL for `run`",
+            )
+        enable_after = args.enable_after
+        operator = "cli"
+    log_path = Path(args.log) if args.log else _default_log_path(cfg)
+    stop = _stop_event_on_signals()
+    controller = writer = None
+    try:
+        writer = SessionLogWriter(
+            log_path,
+            cfg,
+            t0=time.monotonic(),
+            commit_interval_s=cfg["session"]["commit_interval_s"],
+        )
+        print(f"session log: {log_path}", file=sys.stderr, flush=True)
+        controller = Controller(
+            cfg, surface_address=surface_address, beam_url=beam_url, session_log=writer
+        )
+        controller.start()
+        _supervise(controller, stop, args.seconds, enable_after, operator, cfg)
+    finally:
+        if controller is not None:
+            controller.stop()
+        if rig is not None:
+            rig.stop()
+            if writer is not None:
+                # The simulated linac's own record of what the beam did: a separate channel.
+                for t, beam_on in rig.linac.edges():
+                    writer.add("beam_edges", (t - writer.t0, int(beam_on), "linac_sim"))
+        if writer is not None:
+            writer.close()
+    summary = summarize(log_path)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_format_summary(summary), file=sys.stderr)
+    return 0
+
+
+def _supervise(
+    controller,
+    stop: threading.Event,
+    seconds: float | None,
+    enable_after: float | None,
+    operator: str,
+    cfg: dict[str, Any],
+) -> None:
+    """Main thread: the (simulated) operator, the live status line and the session clock."""
+    interval = cfg["session"]["status_interval_s"]
+    start = time.monotonic()
+    enabled = False
+    tty = sys.stderr.isatty()
+    while not stop.is_set():
+        elapsed = time.monotonic() - start
+        if seconds is not None and elapsed >= seconds:
+            break
+        if not enabled and enable_after is not None and elapsed >= enable_after:
+            controller.set_operator_enable(True, who=operator)
+            enabled = True
+        line = _status_line(controller, elapsed)
+        print(
+            ("\r" + line + "\033[K") if tty else line,
+            end="" if tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        wait = interval
+        if seconds is not None:
+            wait = min(wait, max(0.0, seconds - elapsed))
+        if not enabled and enable_after is not None:
+            wait = min(wait, max(0.0, enable_after - elapsed))
+        stop.wait(wait)
+    if tty:
+        print(file=sys.stderr)
+
+
+def _status_line(controller, elapsed: float) -> str:
+    st = controller.status
+    decision = st.decision
+    beam = "BEAM ENABLED" if decision is not None and decision.beam_enabled else "BEAM HOLD"
+    why = "" if decision is None or decision.beam_enabled else f" ({decision.reason_text})"
+    device = controller.surrogate_device
+    age = st.last_rx.get(device)
+    age_text = "--" if age is None else f"{(time.monotonic() - age) * 1e3:4.0f} ms"
+    est = st.estimate
+    axis = controller.cfg["gating"]["axis"]
+    target = "--"
+    if est is not None and est.valid:
+        from motionctl.types import AXES
+
+        target = f"{est.predicted_mm[AXES.index(axis)]:+6.2f} mm"
+    gate = controller.gate
+    return (
+        f"t={elapsed:6.1f} s  {beam}{why}  {axis}={target} "
+        f"window=[{gate.lower_mm:+.1f}, {gate.upper_mm:+.1f}]  "
+        f"{device}: {st.samples.get(device, 0)} samples, age {age_text}, "
+        f"malformed {st.malformed.get(device, 0)}"
+    )
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"log:        {summary['log']}",
+        f"started:    {summary['started_utc']}",
+        f"duration:   {summary['duration_s']:.1f} s",
+        f"beam on:    {summary['beam_on_s']:.1f} s",
+        "samples:    " + ", ".join(f"{k} {v}" for k, v in summary["samples"].items()),
+        "devices:    "
+        + ", ".join(f"{k} ({v['kind']} at {v['address']})" for k, v in summary["devices"].items()),
+        "holds by reason:",
+    ]
+    for reason, entry in summary["holds_by_reason"].items():
+        lines.append(f"  {reason:32s} {entry['count']:5d} x  {entry['seconds']:8.1f} s")
+    return "\n".join(lines)
+
+
+def _log_info(args: argparse.Namespace) -> int:
+    summary = summarize(args.file)
+    print(json.dumps(summary, indent=2) if args.json else _format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

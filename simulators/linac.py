@@ -1,0 +1,337 @@
+"""Simulated linac gating interface box on a pty, for the hardware-in-the-loop rig.
+
+It speaks the beam gating wire protocol (documented in ``motionctl.drivers.beam``) from the
+box's side, as a real box would, and implements it here on its own (checksum included) so
+that it checks the driver rather than sharing its mistakes:
+
+* answers every valid ``ON``/``OFF``/``HB`` with ``ACK,<seq>,<ON|OFF>`` and every rejected
+  line with ``NAK,<seq|->,<reason>``;
+* is fail-safe like the real box: a watchdog turns the beam off when no valid message has
+  arrived for ``watchdog_s`` and latches it off until a new ON; any rejected line turns the
+  beam off;
+* records every beam-on/off edge with the (injected) clock time at which the state changed,
+  so that tests and the rig can measure gating latency and duty cycle from the box's side;
+* can be told to stop answering (``set_acks_enabled(False)``) to exercise the host's
+  ack-timeout path; the beam logic keeps running.
+
+What it does NOT model:
+
+* the linac: no dose, MU or beam-on ramp-up; the real beam follows the gate with its own
+  delay (tens of milliseconds), which is not added to the edge times here;
+* the electrical gate signal (TTL or relay timing, bounce) and the serial line itself: a pty
+  delivers bytes at once, whatever the baud rate, with no noise or lost bytes;
+* modem control lines, flow control and more than one host on the line;
+* the box's own failures (reboot, stuck relay, firmware faults), apart from the ACK switch;
+* the linac console's own interlocks and the operator's beam-on key;
+* drift between the box's clock and the host's (both use the injected clock).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+import tty
+from collections.abc import Callable
+
+MAX_LINE_BYTES = 80
+SEQ_MODULO = 65536
+COMMANDS = ("ON", "OFF", "HB")
+READ_CHUNK_BYTES = 4096
+IDLE_WAIT_S = 1.0  # stop() wakes the thread through a pipe; this bound is only a backstop
+JOIN_TIMEOUT_S = 2.0
+
+_HEX_UPPER = frozenset(b"0123456789ABCDEF")
+
+
+def _checksum(body: bytes) -> int:
+    # Deliberately a copy of the driver's: a box has its own firmware.
+    value = 0
+    for byte in body:
+        value ^= byte
+    return value
+
+
+def _frame(body: str) -> bytes:
+    raw = body.encode("ascii")
+    return b"$%s*%02X\n" % (raw, _checksum(raw))
+
+
+class _Rejected(Exception):
+    """A line the box NAKs; ``reason`` is the NAK's reason token."""
+
+    def __init__(self, reason: str, seq: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.seq = seq
+
+
+def _parse_command(line: bytes) -> tuple[str, int]:
+    """Return (command, seq) of a host line, or raise _Rejected with the NAK reason."""
+    if len(line) > MAX_LINE_BYTES:
+        raise _Rejected("too_long")
+    if any(byte > 0x7F for byte in line):
+        raise _Rejected("non_ascii")
+    text = line[:-1] if line.endswith(b"\n") else line
+    star = text.rfind(b"*")
+    if not text.startswith(b"$") or star < 0:
+        raise _Rejected("syntax")
+    body, cs_field = text[1:star], text[star + 1 :]
+    if len(cs_field) != 2 or not all(byte in _HEX_UPPER for byte in cs_field):
+        raise _Rejected("syntax")
+    if any(byte < 0x20 or byte == 0x7F or byte in b"$*" for byte in body):
+        raise _Rejected("syntax")
+    if int(cs_field, 16) != _checksum(body):
+        raise _Rejected("checksum")
+    fields = body.decode("ascii").split(",")
+    seq = None
+    if len(fields) >= 2 and fields[1].isdigit() and len(fields[1]) <= 5:
+        seq = int(fields[1]) if int(fields[1]) < SEQ_MODULO else None
+    if fields[0] not in COMMANDS:
+        raise _Rejected("unknown_command", seq)
+    if len(fields) != 2 or seq is None:
+        raise _Rejected("syntax", seq)
+    return fields[0], seq
+
+
+class LinacGatingSim:
+    """Simulated linac gating interface box on a pty."""
+
+    def __init__(
+        self,
+        *,
+        watchdog_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "beam",
+    ) -> None:
+        if watchdog_s <= 0:
+            raise ValueError(f"watchdog_s must be positive, got {watchdog_s}")
+        self._watchdog_s = watchdog_s
+        self._clock = clock
+        self._name = name
+        self._log = logging.getLogger(f"motionctl.sim.{name}")
+        self._cond = threading.Condition()  # guards the beam state, edges, stats, ack switch
+        self._beam_on = False
+        self._deadline = 0.0  # watchdog deadline; only meaningful while the beam is on
+        self._edges: list[tuple[float, bool]] = []
+        self._acks_enabled = True
+        self._stats = {
+            "commands": 0,
+            "heartbeats": 0,
+            "malformed": 0,
+            "watchdog_trips": 0,
+            "replies_dropped": 0,
+        }
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
+        self._path: str | None = None
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self._error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Open the pty, start the box thread; returns the device path for the host."""
+        if self._started:
+            raise RuntimeError("a LinacGatingSim starts once; make a new one")
+        master, slave = os.openpty()
+        fds = [master, slave]
+        try:
+            tty.setraw(slave)  # no echo, no line editing, no CR/LF translation
+            # Non-blocking, so a host that stops reading cannot wedge the box thread.
+            os.set_blocking(master, False)
+            path = os.ttyname(slave)
+            wake_r, wake_w = os.pipe()
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        # The slave stays open here for the box's lifetime: otherwise the master reads EIO
+        # whenever no host has the port open (between tests, across a driver reconnect).
+        self._master, self._slave = master, slave
+        self._wake_r, self._wake_w = wake_r, wake_w
+        self._path = path
+        self._started = True
+        self._thread = threading.Thread(
+            target=self._run, name=f"{self._name}-linac-sim", daemon=False
+        )
+        self._thread.start()
+        self._log.info("gating box on %s (watchdog %.0f ms)", path, self._watchdog_s * 1e3)
+        return path
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            raise RuntimeError("not started")
+        return self._path
+
+    def stop(self) -> None:
+        """Stop the box thread and close the pty. Idempotent.
+
+        Raises RuntimeError if the box thread failed while running.
+        """
+        thread = self._thread
+        if thread is not None:
+            os.write(self._wake_w, b"x")
+            thread.join(JOIN_TIMEOUT_S)
+            if thread.is_alive():
+                raise RuntimeError(f"{self._name}: simulator thread did not stop")
+            self._thread = None
+            with self._cond:
+                # A box that goes away takes the gate signal with it.
+                self._set_beam_locked(False, "simulator stopped")
+        for attr in ("_master", "_slave", "_wake_r", "_wake_w"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+        error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError(f"{self._name}: simulator thread failed") from error
+
+    # -- observation and fault hooks ---------------------------------------------------
+
+    @property
+    def beam_on(self) -> bool:
+        with self._cond:
+            return self._beam_on
+
+    def edges(self) -> list[tuple[float, bool]]:
+        """Every beam edge as (clock time, new state), in order; a copy."""
+        with self._cond:
+            return list(self._edges)
+
+    def wait_for_edge(self, beam_on: bool, after: float, timeout: float) -> float | None:
+        """Time of the first edge to ``beam_on`` at or after ``after``; None on timeout."""
+
+        def first() -> float | None:
+            for t, state in self._edges:
+                if state == beam_on and t >= after:
+                    return t
+            return None
+
+        with self._cond:
+            self._cond.wait_for(lambda: first() is not None, timeout=timeout)
+            return first()
+
+    def stats(self) -> dict:
+        """commands (ON/OFF), heartbeats, malformed (lines NAKed), watchdog_trips,
+        replies_dropped (host not reading)."""
+        with self._cond:
+            return dict(self._stats)
+
+    def set_acks_enabled(self, enabled: bool) -> None:
+        """Fault hook: stop (or resume) answering. The beam logic keeps running."""
+        with self._cond:
+            self._acks_enabled = enabled
+        self._log.info("replies %s", "enabled" if enabled else "disabled")
+
+    # -- box thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:
+            self._log.exception("simulator thread failed")
+            self._error = exc  # re-raised by stop(), so a test cannot miss it
+            with self._cond:
+                self._set_beam_locked(False, "simulator failure")
+
+    def _serve(self) -> None:
+        buffer = bytearray()
+        discarding = False  # inside an over-long line already NAKed
+        while True:
+            readable, _, _ = select.select(
+                [self._master, self._wake_r], [], [], self._wait_timeout()
+            )
+            if self._wake_r in readable:
+                return
+            now = self._clock()
+            with self._cond:
+                # Before reading: a message that arrives after the deadline is too late.
+                self._check_watchdog_locked(now)
+            if self._master not in readable:
+                continue
+            try:
+                data = os.read(self._master, READ_CHUNK_BYTES)
+            except BlockingIOError:
+                continue  # select() said readable but the bytes are not there yet: wait again
+            buffer += data
+            while True:
+                end = buffer.find(b"\n")
+                if end < 0:
+                    if len(buffer) > MAX_LINE_BYTES:
+                        if not discarding:
+                            self._reply(self._handle_line(bytes(buffer), now))
+                            discarding = True
+                        buffer.clear()
+                    break
+                line = bytes(buffer[: end + 1])
+                del buffer[: end + 1]
+                if discarding:
+                    discarding = False
+                    continue
+                self._reply(self._handle_line(line, now))
+
+    def _wait_timeout(self) -> float:
+        with self._cond:
+            if self._beam_on:
+                # Wake exactly at the watchdog deadline: the trip is on time without polling.
+                return max(0.0, self._deadline - self._clock())
+        return IDLE_WAIT_S
+
+    def _check_watchdog_locked(self, now: float) -> None:
+        if self._beam_on and now >= self._deadline:
+            self._stats["watchdog_trips"] += 1
+            self._set_beam_locked(
+                False, f"watchdog: no valid message for {self._watchdog_s * 1e3:.0f} ms"
+            )
+
+    def _handle_line(self, line: bytes, now: float) -> bytes:
+        try:
+            command, seq = _parse_command(line)
+        except _Rejected as rejected:
+            with self._cond:
+                self._stats["malformed"] += 1
+                self._set_beam_locked(False, f"rejected line ({rejected.reason})")
+            self._log.warning("NAK %s: %r", rejected.reason, line[:MAX_LINE_BYTES])
+            seq_field = "-" if rejected.seq is None else str(rejected.seq)
+            return _frame(f"NAK,{seq_field},{rejected.reason}")
+        with self._cond:
+            self._deadline = now + self._watchdog_s
+            if command == "HB":
+                self._stats["heartbeats"] += 1
+            else:
+                self._stats["commands"] += 1
+                self._set_beam_locked(command == "ON", f"{command},{seq}")
+            state = "ON" if self._beam_on else "OFF"
+        self._log.debug("%s,%d -> %s", command, seq, state)
+        return _frame(f"ACK,{seq},{state}")
+
+    def _set_beam_locked(self, beam_on: bool, why: str) -> None:
+        if beam_on == self._beam_on:
+            return
+        t = self._clock()  # the moment the gate changes, not when the line was read
+        self._beam_on = beam_on
+        self._edges.append((t, beam_on))
+        self._cond.notify_all()
+        self._log.info("beam %s at %.6f (%s)", "ON" if beam_on else "OFF", t, why)
+
+    def _reply(self, reply: bytes) -> None:
+        with self._cond:
+            if not self._acks_enabled:
+                return
+        try:
+            written = os.write(self._master, reply)
+        except BlockingIOError:
+            written = 0
+        if written < len(reply):
+            # The pty buffer is full: no host is reading. A real box's UART drops too.
+            with self._cond:
+                self._stats["replies_dropped"] += 1
+            self._log.warning("pty output full; dropped %r", reply[written:])
