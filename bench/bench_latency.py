@@ -88,27 +88,15 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "bench.sqlite"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "motionctl.cli",
-                "sim",
-                "--seconds",
-                str(args.seconds),
-                "--log",
-                str(log),
-                "--json",
-                "--set",
-                "devices.surface.port=0",
-                "--set",
-                f"patient.period_s={args.period}",
-                "--set",
-                "session.operator_enable_after_s=1",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        command = [sys.executable, "-m", "motionctl.cli", "sim", "--seconds", str(args.seconds)]
+        command += ["--log", str(log), "--set", "devices.surface.port=0"]
+        command += ["--set", f"patient.period_s={args.period}"]
+        command += ["--set", "session.operator_enable_after_s=1"]
+        # The live status lines go to stderr: keep them for an error, off the bench output.
+        run = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if run.returncode != 0:
+            print(run.stderr, file=sys.stderr)
+            return run.returncode
         result = analyse(log)
     if args.json:
         print(json.dumps(result, indent=2))

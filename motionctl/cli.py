@@ -27,6 +27,7 @@ motionctl: respiratory motion management and gating for liver SBRT.
   run          the controller against the devices named in the config
   log info     summarise a session log
   log export   write a session log's tables as CSV
+  evaluate     prediction and correlation accuracy on recorded traces
 """
 
 
@@ -105,6 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
     export = logsub.add_parser("export", help="write every table as CSV")
     export.add_argument("file")
     export.add_argument("--csv", required=True, metavar="DIR", help="output folder")
+    evaluate = sub.add_parser(
+        "evaluate", help="prediction and correlation accuracy on recorded traces",
+        description="Evaluate motionctl's methods on your own recorded traces (RPM .vxp, "
+        "2-column `t value`, 6-DoF `t x y z rx ry rz`, ExtMarker CSV, HexaMotion).",
+    )
+    evalsub = evaluate.add_subparsers(dest="evaluate_command", metavar="WHAT")
+    pred = evalsub.add_parser(
+        "prediction", help="latency-compensating prediction error per trace and predictor",
+        description="Causal prediction of each trace's breathing signal (SI, or the axis of "
+        "largest variance) HORIZON seconds ahead, scored after a 30 s warm-up: RMSE, "
+        "relative RMSE (to no prediction), P95 error and jitter.",
+    )
+    pred.add_argument("traces", nargs="+", metavar="TRACE")
+    pred.add_argument("--horizon", type=float, required=True, metavar="S")
+    pred.add_argument("--predictor", default="all", metavar="NAME|all")
+    pred.add_argument("--json", action="store_true", help="one JSON object per trace")
+    corr = evalsub.add_parser(
+        "correlation", help="external-to-internal correlation model error",
+        description="Fit the correlation model on the internal position sampled every "
+        "IMAGING_PERIOD seconds (simulated X-rays) and estimate the internal 3-D position "
+        "from the surrogate at every sample: 3-D RMS and P95 error after the first 60 s, "
+        "and the correlation error at each image before it updates the model.",
+    )
+    corr.add_argument("--internal", required=True, metavar="TRACE", help="6-DoF internal trace")
+    corr.add_argument("--surrogate", required=True, metavar="TRACE", help="1-D surrogate trace")
+    corr.add_argument("--imaging-period", type=float, required=True, metavar="S")
+    corr.add_argument("--json", action="store_true")
     return parser
 
 
@@ -127,10 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             for path in export_csv(args.file, args.csv):
                 print(path)
             return 0
-    except ConfigError as exc:
-        print(f"motionctl: {exc}", file=sys.stderr)
-        return 2
-    except (LogFormatError, FileExistsError) as exc:
+        if args.command == "evaluate" and args.evaluate_command in ("prediction", "correlation"):
+            try:
+                if args.evaluate_command == "prediction":
+                    return _evaluate_prediction(args)
+                return _evaluate_correlation(args)
+            except (OSError, ValueError) as exc:  # unreadable traces, unknown predictor names
+                print(f"motionctl: {exc}", file=sys.stderr)
+                return 2
+    except (ConfigError, LogFormatError, FileExistsError) as exc:
         print(f"motionctl: {exc}", file=sys.stderr)
         return 2
     parser.print_help()
@@ -303,6 +336,54 @@ def _format_summary(summary: dict[str, Any]) -> str:
     for reason, entry in summary["holds_by_reason"].items():
         lines.append(f"  {reason:32s} {entry['count']:5d} x  {entry['seconds']:8.1f} s")
     return "\n".join(lines)
+
+
+def _evaluate_prediction(args: argparse.Namespace) -> int:
+    from motionctl.prediction import PREDICTORS, evaluate_predictor
+    from motionctl.traces import breathing_signal, read_trace
+
+    names = list(PREDICTORS) if args.predictor == "all" else [args.predictor]
+    for name in names:
+        if name not in PREDICTORS:
+            raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}, all")
+    results = []
+    for path in args.traces:
+        t, x = breathing_signal(read_trace(path))
+        for name in names:
+            result = evaluate_predictor(t, x, args.horizon, name)
+            results.append({"trace": path, "predictor": name, "horizon_s": args.horizon} | result)
+    if args.json:
+        for result in results:
+            print(json.dumps(result))
+        return 0
+    print(f"{'trace':40s} {'predictor':10s} {'RMSE mm':>8s} {'rel RMSE':>8s} "
+          f"{'P95 mm':>7s} {'jitter':>7s}")
+    for r in results:
+        print(f"{Path(r['trace']).name[:40]:40s} {r['predictor']:10s} {r['rmse_mm']:8.3f} "
+              f"{r['relative_rmse']:8.3f} {r['p95_mm']:7.3f} {r['jitter_mm']:7.3f}")
+    return 0
+
+
+def _evaluate_correlation(args: argparse.Namespace) -> int:
+    from motionctl.correlation import evaluate_correlation
+    from motionctl.traces import read_trace
+
+    internal = read_trace(args.internal)
+    surrogate = read_trace(args.surrogate)
+    if internal.values.shape[1] < 3:
+        raise ValueError(f"{args.internal}: the internal trace needs x y z columns (6-DoF text)")
+    result = evaluate_correlation(
+        internal.t_s, internal.values[:, :3], surrogate.t_s, surrogate.values[:, 0],
+        args.imaging_period,
+    )
+    result = {"internal": args.internal, "surrogate": args.surrogate,
+              "imaging_period_s": args.imaging_period} | result
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:28s} {value}")
+    return 0
 
 
 def _log_info(args: argparse.Namespace) -> int:

@@ -211,7 +211,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "started_utc": meta.get("started_utc"),
         "duration_s": round(times[0] or 0.0, 3),
         "devices": devices,
-        "samples": {name: samples.get(name, 0) for name in devices} | samples,
+        "samples": samples,
         "beam_on_s": round(beam_on_s, 3),
         "holds_by_reason": holds,
         "events": dict(events),

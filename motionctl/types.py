@@ -8,6 +8,7 @@ is the device's own timestamp as it sent it, kept for the record.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -45,6 +46,10 @@ class MotionEstimate:
     horizon_s: float
     valid: bool
     reasons: tuple[str, ...] = ()
+    phase: float = math.nan  # breathing phase [0, 1), 0 = end-exhale
+    amplitude_mm: float = math.nan  # recent peak-to-peak of the surrogate
+    uncertainty_mm: float = math.nan  # 1-sigma 3-D uncertainty of predicted_mm
+    model: str = "none"  # which correlation model produced it ("prior" before X-rays)
 
 
 class HoldReason(StrEnum):

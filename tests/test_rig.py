@@ -217,3 +217,59 @@ def test_sim_cli_json_summary(tmp_path):
     db = sqlite3.connect(log)
     linac = db.execute("SELECT COUNT(*) FROM beam_edges WHERE source='linac_sim'").fetchone()[0]
     assert linac >= 2  # the simulated linac's own record of beam edges is in the log
+
+
+def test_rig_and_run_as_separate_processes(tmp_path):
+    rig = subprocess.Popen(
+        [sys.executable, "-m", "motionctl.cli", "rig", "--set", "devices.surface.port=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        addresses = dict(rig.stdout.readline().strip().split(": ", 1) for _ in range(2))
+        host, port = addresses["surface"].rsplit(":", 1)
+        assert host == "127.0.0.1" and addresses["beam"].startswith("/dev/")
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "motionctl.cli",
+                "run",
+                "--seconds",
+                "3",
+                "--json",
+                "--enable-after",
+                "0.5",
+                "--log",
+                str(tmp_path / "run.sqlite"),
+                "--set",
+                f"devices.surface.port={port}",
+                "--set",
+                f"devices.beam.url={addresses['beam']}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        rig.send_signal(signal.SIGINT)
+        rig.wait(timeout=10)
+        rig.stdout.close()
+    assert rig.returncode == 0
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["samples"]["surface"] > 60
+    assert summary["beam_on_s"] > 0
+    assert summary["devices"]["beam"]["address"] == addresses["beam"]
+
+
+def test_run_without_a_beam_device_is_refused():
+    result = subprocess.run(
+        [sys.executable, "-m", "motionctl.cli", "run", "--seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "devices.beam.url" in result.stderr and "serial device" in result.stderr

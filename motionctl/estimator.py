@@ -1,0 +1,173 @@
+"""The motion estimator: one ``MotionEstimate`` per surrogate sample.
+
+Per sample, causally and clock-injected (the time is the sample's receipt time):
+
+1. the breathing axis of the surrogate goes through ``SurrogateProcessor`` (rejection,
+   despiking, smoothing, cycles, phase, baseline);
+2. the predictor forecasts the processed surrogate one system latency (``horizon_s``) ahead;
+3. the correlation model maps the surrogate now, and the predicted surrogate, to the 3-D
+   internal target. Until the model has been built from X-ray fiducial positions, the
+   configured prior (``target = offset + gain * surrogate``, as a planning-CT/4DCT fit
+   would give) stands in for it, if the site allows that; the estimate says which model
+   it used;
+4. the uncertainty combines the model's own (held-out residuals of its points, or the
+   configured prior uncertainty) with the predictor's recent error, measured by comparing
+   each prediction with the estimate that arrives one horizon later.
+
+X-ray fiducial positions arrive through ``add_fiducial``: each is first compared with the
+estimate at its acquisition time (a disagreement beyond ``fiducial_tolerance_mm`` marks the
+estimates invalid with ``fiducial_disagreement`` until a later image agrees), then offered
+to the correlation model as a model point.
+
+Validity: an estimate is valid only if the sample was usable, a model is available and
+valid, the predictor has not diverged and the last fiducial check agreed. Every reason is
+named in ``MotionEstimate.reasons``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from motionctl.correlation import CorrelationModel, PointResult, SurrogateHistory
+from motionctl.prediction import Predictor, make_predictor
+from motionctl.surrogate import SurrogateProcessor
+from motionctl.types import AXES, MotionEstimate, SurrogateSample
+
+_NAN3 = (math.nan, math.nan, math.nan)
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    surrogate_axis: str = "AP"
+    inhale_positive: bool = True  # the surrogate rises on inhale (AP of an abdominal marker)
+    rate_hz: float = 30.0  # nominal surrogate rate: the predictor's sample clock
+    horizon_s: float = 0.4
+    predictor: str = "default"
+    prior_gain: Sequence[float] = (0.0, -1.5, 0.5)  # target per mm of raw surrogate
+    prior_offset_mm: Sequence[float] = (0.0, 0.0, 0.0)
+    use_prior: bool = True
+    prior_uncertainty_mm: float = 2.0
+    fiducial_tolerance_mm: float = 3.0
+    error_time_constant_s: float = 10.0  # averaging of the predictor's recent error
+
+
+class MotionEstimator:
+    def __init__(
+        self,
+        settings: EstimatorSettings,
+        correlation: CorrelationModel,
+        predictor: Predictor | None = None,
+        surrogate: SurrogateProcessor | None = None,
+    ):
+        self.s = settings
+        self._axis = AXES.index(settings.surrogate_axis)
+        self._sign = 1.0 if settings.inhale_positive else -1.0
+        self.surrogate = surrogate or SurrogateProcessor()
+        self.predictor = predictor or make_predictor(
+            settings.predictor, settings.rate_hz, settings.horizon_s
+        )
+        self.correlation = correlation
+        self.history = SurrogateHistory()
+        self._horizon_samples = max(0, round(settings.horizon_s * settings.rate_hz))
+        # Ring of past predictions, to score each one when its target time arrives.
+        self._past: list[tuple[float, float, float] | None] = [None] * max(
+            1, self._horizon_samples
+        )
+        self._slot = 0
+        self._pred_err2 = 0.0
+        self._pred_err_n = 0
+        self._alpha = 1.0 / max(1.0, settings.error_time_constant_s * settings.rate_hz)
+        self._fiducial_reason: str | None = None
+        self.last_model = "none"
+
+    # -- the per-sample path: scalar state, no per-sample numpy ---------------------------
+    def step(self, sample: SurrogateSample) -> MotionEstimate:
+        t = sample.t_rx
+        raw = sample.position_mm[self._axis]
+        state = self.surrogate.step(t, self._sign * raw)
+        if not state.valid:
+            self._restart()
+            return MotionEstimate(
+                t, _NAN3, _NAN3, self.s.horizon_s, False, state.reasons, model="none"
+            )
+        reasons = [r for r in state.reasons if r in ("gap",)]
+        if "gap" in state.reasons:
+            self._restart()
+        value = state.value_mm
+        self.history.append(t, value)
+        predicted = self.predictor.step(value)
+        if self.predictor.diverged or not math.isfinite(predicted):
+            reasons.append("predictor_diverged")
+            self.predictor.reset()
+            predicted = value
+
+        model = self.correlation
+        if model.valid and model.n_points > 0:
+            position = model.predict(self.history.features())
+            ahead = model.predict(self.history.features_ahead(predicted, self.s.horizon_s))
+            model_sigma = model.uncertainty_mm
+            self.last_model = model.kind
+        elif self.s.use_prior and model.n_points == 0:
+            position = self._prior(value)
+            ahead = self._prior(predicted)
+            model_sigma = self.s.prior_uncertainty_mm
+            self.last_model = "prior"
+        else:
+            reasons.extend(model.reasons or ("no_correlation_model",))
+            position = ahead = _NAN3
+            model_sigma = math.nan
+            self.last_model = model.kind if model.n_points else "none"
+
+        prediction_sigma = self._score_prediction(position, ahead)
+        if self._fiducial_reason is not None:
+            reasons.append(self._fiducial_reason)
+        valid = not reasons or reasons == ["gap"]
+        uncertainty = math.sqrt(model_sigma**2 + prediction_sigma**2)
+        return MotionEstimate(
+            t, position, ahead, self.s.horizon_s, valid, tuple(reasons),
+            phase=state.phase, amplitude_mm=state.amplitude_mm,
+            uncertainty_mm=uncertainty, model=self.last_model,
+        )
+
+    def _prior(self, value: float) -> tuple[float, float, float]:
+        raw = self._sign * value
+        g, o = self.s.prior_gain, self.s.prior_offset_mm
+        return (o[0] + g[0] * raw, o[1] + g[1] * raw, o[2] + g[2] * raw)
+
+    def _score_prediction(self, position, ahead) -> float:
+        """RMS 3-D error of the predictions made one horizon ago against the estimate now."""
+        if self._horizon_samples == 0:
+            return 0.0
+        old = self._past[self._slot]
+        self._past[self._slot] = ahead
+        self._slot = (self._slot + 1) % self._horizon_samples
+        if old is not None and math.isfinite(old[0]) and math.isfinite(position[0]):
+            err2 = (
+                (old[0] - position[0]) ** 2
+                + (old[1] - position[1]) ** 2
+                + (old[2] - position[2]) ** 2
+            )
+            self._pred_err_n += 1
+            # Plain mean until the average has as many samples as its time constant.
+            alpha = max(self._alpha, 1.0 / self._pred_err_n)
+            self._pred_err2 += alpha * (err2 - self._pred_err2)
+        return math.sqrt(self._pred_err2)
+
+    def _restart(self) -> None:
+        self.predictor.reset()
+        self.history.clear()
+        self._past = [None] * len(self._past)
+        self._pred_err2, self._pred_err_n = 0.0, 0
+
+    # -- X-ray fiducial positions ---------------------------------------------------------
+    def add_fiducial(self, t: float, position_mm: tuple[float, float, float]) -> PointResult:
+        """Check a measured internal position against the model, then add it as a point."""
+        features = self.history.features_at(t)
+        result = self.correlation.add_point(t, features, position_mm)
+        if result.residual_mm is not None and result.residual_mm > self.s.fiducial_tolerance_mm:
+            self._fiducial_reason = "fiducial_disagreement"
+        elif result.residual_mm is not None:
+            self._fiducial_reason = None
+        return result

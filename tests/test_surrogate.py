@@ -1,0 +1,106 @@
+"""Surrogate processing: cycles, baseline and drift, phase, despiking, and bad samples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from motionctl.surrogate import SurrogateProcessor
+
+
+def breathing(t, period=4.0, amplitude=10.0, drift_mm_per_s=0.0):
+    """cos^4-shaped breathing, inhale positive, end-exhale (0) at t = 0, period, 2*period..."""
+    return amplitude * np.sin(np.pi * t / period) ** 4 + drift_mm_per_s * t
+
+
+def run(t, x):
+    proc = SurrogateProcessor()
+    return [proc.step(float(a), float(b)) for a, b in zip(t, x, strict=True)]
+
+
+def test_period_amplitude_and_phase_of_regular_breathing():
+    t = np.arange(0, 60, 1 / 30)
+    states = run(t, breathing(t, period=4.0, amplitude=10.0))
+    last = states[-1]
+    assert last.period_s == pytest.approx(4.0, abs=0.05)
+    assert last.amplitude_mm == pytest.approx(10.0, rel=0.05)
+    assert last.baseline_mm == pytest.approx(0.0, abs=0.2)
+    assert last.irregularity < 0.05
+    # end-exhale events fall near multiples of the period (the turn is confirmed later)
+    exhales = [s.t for s in states if s.event == "end_exhale"]
+    assert len(exhales) >= 12
+    # phase rises through the cycle: 0.5 near end-inhale (t = 2 mod 4)
+    at_inhale = [s.phase for s in states if s.t > 20 and abs((s.t % 4.0) - 2.0) < 0.02]
+    assert np.median(at_inhale) == pytest.approx(0.5, abs=0.05)
+
+
+def test_baseline_drift_rate():
+    t = np.arange(0, 90, 1 / 25)
+    states = run(t, breathing(t, drift_mm_per_s=0.05))
+    assert states[-1].drift_mm_per_s == pytest.approx(0.05, rel=0.2)
+    assert states[-1].baseline_mm == pytest.approx(0.05 * 86, abs=0.6)
+
+
+def test_irregular_breathing_scores_higher():
+    rng = np.random.default_rng(3)
+    t = np.arange(0, 120, 1 / 30)
+    # period and amplitude modulated per cycle
+    phase = np.cumsum(1 / 30 / (4.0 * (1 + 0.25 * np.sin(t / 7))))
+    x = (8 + 3 * np.sin(t / 5)) * np.sin(np.pi * phase) ** 4 + rng.normal(0, 0.1, t.size)
+    regular = run(t, breathing(t))[-1].irregularity
+    irregular = run(t, x)[-1].irregularity
+    assert irregular > 3 * regular and irregular > 0.1
+
+
+def test_a_spike_is_replaced_not_passed_on():
+    t = np.arange(0, 20, 1 / 30)
+    x = breathing(t)
+    x[300] += 25.0
+    states = run(t, x)
+    assert "spike_replaced" in states[300].reasons
+    assert abs(states[300].value_mm - breathing(t[300])) < 1.0
+
+
+def test_noise_is_smoothed():
+    rng = np.random.default_rng(1)
+    t = np.arange(0, 30, 1 / 30)
+    clean = breathing(t)
+    noisy = clean + rng.normal(0, 0.3, t.size)
+    out = np.array([s.value_mm for s in run(t, noisy)])
+    # sample-to-sample roughness (noise) well down; the breathing itself kept
+    assert np.std(np.diff(out)) < 0.6 * np.std(np.diff(noisy))
+    assert np.ptp(out[60:]) == pytest.approx(np.ptp(clean[60:]), rel=0.1)
+
+
+@pytest.mark.parametrize(
+    ("value", "t", "reason"),
+    [
+        (math.nan, 10.0, "surrogate_not_finite"),
+        (math.inf, 10.0, "surrogate_not_finite"),
+        (1e6, 10.0, "surrogate_out_of_range"),
+        (1.0, 5.0, "clock_backwards"),
+        (1.0, 9.0, "time_repeated"),
+    ],
+)
+def test_bad_samples_never_reach_the_state(value, t, reason):
+    proc = SurrogateProcessor()
+    times = np.arange(0, 9.01, 0.1)
+    for a in times:
+        proc.step(float(a), float(breathing(a)))
+    before = proc.step(9.05, float(breathing(9.05)))
+    bad = proc.step(t, value) if t != 9.0 else proc.step(9.05, value)
+    assert not bad.valid and reason in bad.reasons
+    after = proc.step(9.1, float(breathing(9.1)))
+    assert after.valid
+    assert after.value_mm == pytest.approx(before.value_mm, abs=0.5)
+
+
+def test_a_gap_restarts_the_breathing_state():
+    proc = SurrogateProcessor()
+    for a in np.arange(0, 30, 0.1):
+        proc.step(float(a), float(breathing(a)))
+    resumed = proc.step(31.0, float(breathing(31.0)))
+    assert "gap" in resumed.reasons
+    assert math.isnan(resumed.period_s) and "no_breathing_cycle_yet" in resumed.reasons
