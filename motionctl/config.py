@@ -28,6 +28,14 @@ _RULES: dict[str, tuple[Any, str]] = {
     "session.status_interval_s": (lambda v: v > 0, "a number > 0 s"),
     "tracking.surrogate_axis": (lambda v: v in AXIS_NAMES, "one of LR, SI, AP"),
     "tracking.horizon_s": (lambda v: 0 <= v <= 2, "a number in [0, 2] s"),
+    "tracking.surrogate_rate_hz": (lambda v: 1 <= v <= 200, "a rate in [1, 200] Hz"),
+    "tracking.smoothing_s": (lambda v: 0 <= v <= 0.5, "a time constant in [0, 0.5] s"),
+    "gating.mode": (lambda v: v in ("amplitude", "phase", "breath_hold"),
+                    "one of amplitude, phase, breath_hold"),
+    "gating.source": (lambda v: v in ("predicted", "surrogate"), "predicted or surrogate"),
+    "gating.breath_hold_signal": (lambda v: v in ("volume", "position"), "volume or position"),
+    "gating.debounce_samples": (lambda v: 1 <= v <= 100, "an integer in [1, 100]"),
+    "gating.phase_window": (lambda v: all(0 <= p <= 1 for p in v), "two phases in [0, 1]"),
     "gating.axis": (lambda v: v in AXIS_NAMES, "one of LR, SI, AP"),
     "gating.window_mm": (lambda v: v > 0, "a window width > 0 mm"),
     "gating.max_window_mm": (lambda v: v > 0, "a number > 0 mm"),
@@ -139,6 +147,10 @@ def _check_type(source: str, dotted: str, value: Any, default: Any) -> Any:
     if isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(source, dotted, value, "a string")
+        return value
+    if isinstance(default, list) and default and isinstance(default[0], str):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, dotted, value, "a non-empty list of strings")
         return value
     if isinstance(default, list):
         if not isinstance(value, list) or len(value) != len(default):

@@ -1,11 +1,13 @@
 """The live controller loop: one consumer thread, one queue, one clock.
 
 Drivers push samples and events into the queue from their reader threads. The controller
-thread takes them in order, runs the pure tracker and gate, commands the beam interface,
-sends its heartbeat, and queues every sample, estimate, decision, acknowledgement and event
-for the session log. It wakes by itself at the next deadline (heartbeat due, data going
-stale) so that silence is noticed without any polling. Operator commands arrive through
-the same queue, so there is exactly one writer of the gate's inputs.
+thread takes them in order, runs the pure estimator and gate, keeps the interlocks,
+commands the beam interface, sends its heartbeat, and queues every sample, estimate,
+decision, acknowledgement, interlock change and operator action for the session log. It
+wakes by itself at the next deadline (heartbeat due, data going stale) so that silence is
+noticed without polling. Operator commands arrive through the same queue, so there is
+exactly one writer of the gate's inputs, and a frozen console cannot change what the gate
+does.
 
 This module and the CLI are the only places that wire drivers, core and log together.
 """
@@ -23,35 +25,58 @@ from typing import Any
 
 import serial
 
+from motionctl.correlation import CorrelationModel
 from motionctl.drivers.beam import Ack, BeamInterface
 from motionctl.drivers.igtl_tracker import IgtlTrackerDriver
-from motionctl.gating import AmplitudeGate, GateHealth
+from motionctl.estimator import MotionEstimator
+from motionctl.gating import DwellMonitor, Gate, GateInputs
+from motionctl.interlocks import InterlockEvent, InterlockMonitor
 from motionctl.sessionlog import SessionLogWriter
-from motionctl.tracking import ScaledSurrogateTracker
+from motionctl.settings import correlation_params, estimator_settings, gate_settings
 from motionctl.types import DeviceEvent, GateDecision, MotionEstimate, SurrogateSample
 
 log = logging.getLogger("motionctl.controller")
 
+# Estimate reasons that are interlocks of their own (the rest: estimate_invalid).
+_ESTIMATE_INTERLOCKS = {
+    "surrogate_not_finite": "not_finite",
+    "surrogate_out_of_range": "out_of_range",
+    "time_not_finite": "not_finite",
+    "clock_backwards": "clock_backwards",
+    "time_repeated": "clock_backwards",
+    "predictor_diverged": "predictor_diverged",
+    "correlation_model_invalid": "correlation_model_invalid",
+    "fiducial_disagreement": "fiducial_disagreement",
+}
+_PER_SAMPLE_INTERLOCKS = sorted(set(_ESTIMATE_INTERLOCKS.values()) | {"estimate_invalid"})
+
 
 @dataclass(frozen=True, slots=True)
 class OperatorCommand:
-    kind: str  # "enable", "disable", "window"
+    """enable, disable, hold, release, window (value = (centre, width)), acknowledge
+    (value = interlock key), capture_reference."""
+
+    kind: str
     value: Any = None
     who: str = "operator"
 
 
 @dataclass
 class ControllerStatus:
-    """The latest state, for the status line and (later) the console; read-only outside."""
+    """The latest state, for the status line and the console; replaced field by field by the
+    controller thread, read (never written) by others."""
 
     t: float = 0.0
     decision: GateDecision | None = None
     estimate: MotionEstimate | None = None
     operator_enabled: bool = False
+    interlocks: tuple[str, ...] = ()
+    awaiting_ack: tuple[str, ...] = ()
     samples: dict[str, int] = field(default_factory=dict)
     malformed: dict[str, int] = field(default_factory=dict)
     connected: dict[str, bool] = field(default_factory=dict)
     last_rx: dict[str, float] = field(default_factory=dict)
+    last_refusal: str = ""  # why the last operator command was refused
 
 
 _STOP = object()
@@ -72,19 +97,19 @@ class Controller:
         self.cfg = cfg
         self._clock = clock
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        tracking, gating = cfg["tracking"], cfg["gating"]
-        self.surrogate_device = tracking["surrogate_device"]
+        self.surrogate_device = cfg["tracking"]["surrogate_device"]
         surface_cfg = cfg["devices"][self.surrogate_device]
         beam_cfg = cfg["devices"]["beam"]
         self._stale_timeout_s = {self.surrogate_device: surface_cfg["stale_timeout_s"]}
         self._heartbeat_period_s = beam_cfg["heartbeat_period_s"]
-        self.tracker = ScaledSurrogateTracker(
-            tracking["surrogate_axis"],
-            tracking["gain"],
-            tracking["offset_mm"],
-            tracking["horizon_s"],
+        self.estimator = MotionEstimator(
+            estimator_settings(cfg), CorrelationModel(correlation_params(cfg))
         )
-        self.gate = AmplitudeGate(gating["axis"], gating["center_mm"], gating["window_mm"])
+        settings = gate_settings(cfg)
+        self.gate = Gate(settings)
+        self.dwell = DwellMonitor(settings.axis, settings.dwell_mm, settings.dwell_s)
+        self.interlocks = InterlockMonitor()
+        self._max_window_mm = cfg["gating"]["max_window_mm"]
         self.log = session_log  # owned by the caller, who closes it after stop()
         self.t0 = session_log.t0
         self.log.on_failure = self._on_log_failure
@@ -110,7 +135,6 @@ class Controller:
         self.status = ControllerStatus(
             samples={self.surrogate_device: 0}, malformed={self.surrogate_device: 0, "beam": 0}
         )
-        self._log_failure: str | None = None
         self._latest_estimate: MotionEstimate | None = None
         self._last_decision: GateDecision | None = None
         self._thread: threading.Thread | None = None
@@ -178,8 +202,8 @@ class Controller:
         self._record_decision(final, None)
 
     def _send_to_beam(self, send: Callable[..., object], *args: object) -> None:
-        """Write to the gating box; a failed write is recorded and the driver's fault()
-        then holds the gate (the box's own watchdog holds the beam meanwhile)."""
+        """Write to the gating box; a failed write is recorded, the driver's fault() then
+        raises the beam-interface interlock (the box's own watchdog holds meanwhile)."""
         try:
             send(*args)
         except (OSError, serial.SerialException) as exc:
@@ -190,10 +214,8 @@ class Controller:
         if last is None:
             return now + 0.1
         deadline = last + self._stale_timeout_s[self.surrogate_device]
-        if deadline <= now:
-            # Already stale: re-check at the heartbeat; the decision was made when it expired.
-            return math.inf
-        return deadline
+        # Already stale: the decision was made when it expired; heartbeats keep us awake.
+        return deadline if deadline > now else math.inf
 
     def _handle(self, item: object) -> None:
         now = self._clock()
@@ -202,13 +224,8 @@ class Controller:
         elif isinstance(item, Ack):
             self.log.add(
                 "beam_acks",
-                (
-                    item.seq,
-                    item.command,
-                    self.session_t(item.t_sent),
-                    self.session_t(item.t_ack),
-                    int(item.beam_on),
-                ),
+                (item.seq, item.command, self.session_t(item.t_sent),
+                 self.session_t(item.t_ack), int(item.beam_on)),
             )
         elif isinstance(item, DeviceEvent):
             self._on_event(item)
@@ -230,80 +247,145 @@ class Controller:
         )
         if sample.device != self.surrogate_device:
             return
-        estimate = self.tracker.step(sample)
+        estimate = self.estimator.step(sample)
         self._latest_estimate = estimate
         st.estimate = estimate
+        self._report_estimate(sample.t_rx, estimate)
         p, q = estimate.position_mm, estimate.predicted_mm
         self.log.add(
             "estimates",
-            (
-                self.session_t(estimate.t),
-                *p,
-                *q,
-                estimate.horizon_s,
-                int(estimate.valid),
-                ",".join(estimate.reasons),
-            ),
+            (self.session_t(estimate.t), *p, *q, estimate.horizon_s, int(estimate.valid),
+             ",".join(estimate.reasons), estimate.phase, estimate.amplitude_mm,
+             estimate.uncertainty_mm, estimate.model, estimate.surrogate_mm),
         )
         self._decide(self._clock(), sample.t_rx)
 
+    def _report_estimate(self, t: float, estimate: MotionEstimate) -> None:
+        present = {}
+        for reason in estimate.reasons:
+            code = _ESTIMATE_INTERLOCKS.get(reason)
+            if code is not None:
+                present[code] = reason
+        if not estimate.valid and not present:
+            present["estimate_invalid"] = ",".join(estimate.reasons)
+        device = self.surrogate_device
+        for code in _PER_SAMPLE_INTERLOCKS:
+            subject = device if code in ("not_finite", "out_of_range", "clock_backwards") else None
+            self._interlock(t, code, subject, code in present, present.get(code, ""))
+        dwell = self.dwell.update(t, estimate, self.gate.center_mm)
+        self._interlock(t, "dwell_exceeded", None, dwell, f"> {self.dwell.dwell_mm} mm")
+
     def _on_event(self, event: DeviceEvent) -> None:
+        t = event.t
         if event.kind == "malformed":
             self.status.malformed[event.device] = self.status.malformed.get(event.device, 0) + 1
-        elif event.kind in ("connected", "disconnected"):
-            self.status.connected[event.device] = event.kind == "connected"
+            # A momentary condition: raised now, cleared after the interlock's clean period.
+            self._interlock(t, "malformed_data", event.device, True, event.detail)
+            self._interlock(t, "malformed_data", event.device, False)
+        elif event.kind in ("connected", "disconnected", "port_error"):
+            up = event.kind == "connected"
+            self.status.connected[event.device] = up
+            self._interlock(t, "disconnected", event.device, not up, event.detail)
         elif event.device == "session_log" and event.kind == "write_failure":
-            self._log_failure = event.detail
+            self._interlock(t, "log_write_failure", None, True, event.detail)
         self._record_event(event.device, event.kind, event.detail, event.t)
         self._decide(self._clock(), None)
 
     def _on_command(self, command: OperatorCommand) -> None:
+        now = self._clock()
+        refusal = ""
         if command.kind in ("enable", "disable"):
             old = self.status.operator_enabled
             self.status.operator_enabled = command.kind == "enable"
-            detail = f"who={command.who} old={old} new={self.status.operator_enabled}"
+            detail = f"old={old} new={self.status.operator_enabled}"
         elif command.kind == "window":
             center, width = command.value
             old = (self.gate.center_mm, self.gate.window_mm)
-            self.gate.set_window(center, width)
-            detail = f"who={command.who} old={old} new={(center, width)}"
+            refusal = self._window_refusal(center, width)
+            if not refusal:
+                self.gate.set_window(center, width)
+            detail = f"old={old} new={(center, width)}"
+        elif command.kind == "hold":
+            self._interlock(now, "operator_hold", None, True, command.who)
+            detail = "beam held by the operator"
+        elif command.kind == "release":
+            self._interlock(now, "operator_hold", None, False)
+            accepted, refusal = self.interlocks.acknowledge(now, "operator_hold")
+            detail = "operator hold released"
+        elif command.kind == "acknowledge":
+            accepted, refusal = self.interlocks.acknowledge(now, command.value)
+            detail = f"interlock {command.value}"
+        elif command.kind == "capture_reference":
+            level = self.gate.breath_hold_level(self._gate_inputs())
+            try:
+                self.gate.capture_reference(level)
+            except ValueError as exc:
+                refusal = str(exc)
+            detail = f"reference={level!r}"
         else:
-            raise ValueError(f"unknown operator command {command.kind!r}")
-        self._record_event("operator", command.kind, detail)
-        self._decide(self._clock(), None)
+            refusal = f"unknown operator command {command.kind!r}"
+            detail = ""
+        self.status.last_refusal = refusal
+        kind = command.kind if not refusal else f"{command.kind}_refused"
+        self._record_event("operator", kind, f"who={command.who} {detail} {refusal}".strip())
+        self._decide(now, None)
+
+    def _window_refusal(self, center: float, width: float) -> str:
+        if not (isinstance(center, int | float) and isinstance(width, int | float)):
+            return "window values must be numbers"
+        if not (math.isfinite(center) and math.isfinite(width)):
+            return "window values must be finite"
+        if width <= 0:
+            return f"window width {width} mm must be positive"
+        if width > self._max_window_mm:
+            return f"window width {width} mm exceeds the configured maximum {self._max_window_mm}"
+        if abs(center) > 50.0:
+            return f"window centre {center} mm is outside physical limits (+/-50 mm)"
+        return ""
+
+    def _interlock(
+        self, t: float, code: str, subject: str | None, active: bool, detail: str = ""
+    ) -> None:
+        for event in self.interlocks.report(t, code, subject, active, detail):
+            self._record_interlock(event)
+
+    def _record_interlock(self, event: InterlockEvent) -> None:
+        self._record_event("interlock", event.kind, f"{event.key} {event.detail}".strip(), event.t)
 
     def _record_event(self, source: str, kind: str, detail: str, t: float | None = None) -> None:
         t = self._clock() if t is None else t
         self.log.add("events", (self.session_t(t), source, kind, detail))
 
-    def _health(self, now: float) -> GateHealth:
-        stale, missing = [], []
+    def _check_health(self, now: float) -> None:
         for device, timeout in self._stale_timeout_s.items():
             last = self.status.last_rx.get(device)
-            if last is None:
-                missing.append(device)
-            elif now - last > timeout:
-                stale.append(device)
-        return GateHealth(
+            self._interlock(now, "no_data", device, last is None)
+            stale = last is not None and now - last > timeout
+            age = "" if last is None else f"age {1e3 * (now - last):.0f} ms"
+            self._interlock(now, "stale_data", device, stale, age)
+        fault = self.beam.fault()
+        self._interlock(now, "beam_interface", None, fault is not None, fault or "")
+        for event in self.interlocks.tick(now):
+            self._record_interlock(event)
+
+    def _gate_inputs(self) -> GateInputs:
+        return GateInputs(
+            estimate=self._latest_estimate,
+            interlocks=self.interlocks.active(),
             operator_enabled=self.status.operator_enabled,
-            stale_devices=tuple(stale),
-            missing_devices=tuple(missing),
-            beam_fault=self.beam.fault(),
-            log_failed=self._log_failure is not None,
         )
 
     def _decide(self, now: float, t_rx: float | None, force_hold: str | None = None) -> None:
-        decision = self.gate.update(now, self._latest_estimate, self._health(now))
+        self._check_health(now)
+        decision = self.gate.update(now, self._gate_inputs())
         if force_hold is not None:
             decision = GateDecision(now, False, (*decision.reasons, force_hold))
+        self.status.interlocks = self.interlocks.active()
+        self.status.awaiting_ack = self.interlocks.awaiting_ack()
         # A deadline wake-up that changes nothing is not a new decision worth recording.
-        if (
-            t_rx is None
-            and self._last_decision is not None
-            and (
-                decision.beam_enabled == self._last_decision.beam_enabled
-                and decision.reasons == self._last_decision.reasons
-            )
+        last = self._last_decision
+        if t_rx is None and last is not None and (
+            decision.beam_enabled == last.beam_enabled and decision.reasons == last.reasons
         ):
             return
         self._send_to_beam(self.beam.command, decision.beam_enabled)
@@ -316,5 +398,6 @@ class Controller:
         self.status.t = decision.t
         self.log.add(
             "decisions",
-            (self.session_t(decision.t), int(decision.beam_enabled), decision.reason_text, latency),
+            (self.session_t(decision.t), int(decision.beam_enabled), decision.reason_text,
+             latency),
         )

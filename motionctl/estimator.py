@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from motionctl.correlation import CorrelationModel, PointResult, SurrogateHistory
-from motionctl.prediction import Predictor, make_predictor
-from motionctl.surrogate import SurrogateProcessor
+from motionctl.prediction import DEFAULT_PREDICTOR, Predictor, make_predictor
+from motionctl.surrogate import SurrogateParams, SurrogateProcessor
 from motionctl.types import AXES, MotionEstimate, SurrogateSample
 
 _NAN3 = (math.nan, math.nan, math.nan)
@@ -43,6 +43,7 @@ class EstimatorSettings:
     surrogate_axis: str = "AP"
     inhale_positive: bool = True  # the surrogate rises on inhale (AP of an abdominal marker)
     rate_hz: float = 30.0  # nominal surrogate rate: the predictor's sample clock
+    smoothing_s: float = 0.04  # surrogate low-pass time constant (0 = none)
     horizon_s: float = 0.4
     predictor: str = "default"
     prior_gain: Sequence[float] = (0.0, -1.5, 0.5)  # target per mm of raw surrogate
@@ -64,12 +65,13 @@ class MotionEstimator:
         self.s = settings
         self._axis = AXES.index(settings.surrogate_axis)
         self._sign = 1.0 if settings.inhale_positive else -1.0
-        self.surrogate = surrogate or SurrogateProcessor()
-        self.predictor = predictor or make_predictor(
-            settings.predictor, settings.rate_hz, settings.horizon_s
+        self.surrogate = surrogate or SurrogateProcessor(
+            SurrogateParams(smoothing_s=settings.smoothing_s)
         )
+        name = DEFAULT_PREDICTOR if settings.predictor == "default" else settings.predictor
+        self.predictor = predictor or make_predictor(name, settings.rate_hz, settings.horizon_s)
         self.correlation = correlation
-        self.history = SurrogateHistory()
+        self.history = SurrogateHistory.for_params(correlation.params)
         self._horizon_samples = max(0, round(settings.horizon_s * settings.rate_hz))
         # Ring of past predictions, to score each one when its target time arrives.
         self._past: list[tuple[float, float, float] | None] = [None] * max(
@@ -104,21 +106,26 @@ class MotionEstimator:
             predicted = value
 
         model = self.correlation
-        if model.valid and model.n_points > 0:
+        if model.valid:
             position = model.predict(self.history.features())
             ahead = model.predict(self.history.features_ahead(predicted, self.s.horizon_s))
             model_sigma = model.uncertainty_mm
             self.last_model = model.kind
-        elif self.s.use_prior and model.n_points == 0:
+        elif self.s.use_prior and model.state == "collecting":
+            # Before the first X-ray model is built (never after one was invalidated: that is
+            # an interlock, not something for the prior to paper over).
             position = self._prior(value)
             ahead = self._prior(predicted)
             model_sigma = self.s.prior_uncertainty_mm
             self.last_model = "prior"
         else:
-            reasons.extend(model.reasons or ("no_correlation_model",))
+            reasons.append(
+                "correlation_model_invalid" if model.state == "rebuilding"
+                else "no_correlation_model"
+            )
             position = ahead = _NAN3
             model_sigma = math.nan
-            self.last_model = model.kind if model.n_points else "none"
+            self.last_model = "none"
 
         prediction_sigma = self._score_prediction(position, ahead)
         if self._fiducial_reason is not None:
@@ -128,7 +135,7 @@ class MotionEstimator:
         return MotionEstimate(
             t, position, ahead, self.s.horizon_s, valid, tuple(reasons),
             phase=state.phase, amplitude_mm=state.amplitude_mm,
-            uncertainty_mm=uncertainty, model=self.last_model,
+            uncertainty_mm=uncertainty, model=self.last_model, surrogate_mm=value,
         )
 
     def _prior(self, value: float) -> tuple[float, float, float]:
@@ -164,7 +171,10 @@ class MotionEstimator:
     # -- X-ray fiducial positions ---------------------------------------------------------
     def add_fiducial(self, t: float, position_mm: tuple[float, float, float]) -> PointResult:
         """Check a measured internal position against the model, then add it as a point."""
-        features = self.history.features_at(t)
+        try:
+            features = self.history.features_at(t)
+        except ValueError as exc:  # no surrogate history covering the image's time
+            return PointResult(None, False, self.correlation.valid, f"no surrogate at t: {exc}")
         result = self.correlation.add_point(t, features, position_mm)
         if result.residual_mm is not None and result.residual_mm > self.s.fiducial_tolerance_mm:
             self._fiducial_reason = "fiducial_disagreement"

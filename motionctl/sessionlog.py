@@ -37,7 +37,8 @@ CREATE TABLE samples (
 CREATE TABLE estimates (
     t REAL NOT NULL, lr_mm REAL, si_mm REAL, ap_mm REAL,
     pred_lr_mm REAL, pred_si_mm REAL, pred_ap_mm REAL, horizon_s REAL NOT NULL,
-    valid INTEGER NOT NULL, reasons TEXT NOT NULL);
+    valid INTEGER NOT NULL, reasons TEXT NOT NULL, phase REAL, amplitude_mm REAL,
+    uncertainty_mm REAL, model TEXT NOT NULL, surrogate_mm REAL);
 CREATE TABLE decisions (
     t REAL NOT NULL, beam_enabled INTEGER NOT NULL, reasons TEXT NOT NULL, latency_s REAL);
 CREATE TABLE events (t REAL NOT NULL, source TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT);
@@ -50,7 +51,7 @@ CREATE TABLE beam_edges (t REAL NOT NULL, beam_on INTEGER NOT NULL, source TEXT 
 TABLES = ("samples", "estimates", "decisions", "events", "beam_acks", "beam_edges")
 _INSERT = {
     "samples": "INSERT INTO samples VALUES (?,?,?,?,?,?,?)",
-    "estimates": "INSERT INTO estimates VALUES (?,?,?,?,?,?,?,?,?,?)",
+    "estimates": "INSERT INTO estimates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "decisions": "INSERT INTO decisions VALUES (?,?,?,?)",
     "events": "INSERT INTO events VALUES (?,?,?,?)",
     "beam_acks": "INSERT INTO beam_acks VALUES (?,?,?,?,?)",

@@ -177,7 +177,7 @@ def _split_table(
         try:
             column = np.array(cells, dtype=np.float64)
         except ValueError:
-            column = np.empty(len(cells))
+            column = np.zeros(len(cells))  # the rest stays 0 after the first bad cell
             for i, cell in enumerate(cells):
                 try:
                     column[i] = float(cell)
@@ -442,7 +442,7 @@ def _read_vxp(source: str, lines: list[str], start: int) -> Trace:
             i = int(bad[0])
             k = layout.index("mark") + 1
             raise TraceFormatError(
-                source, rows[i][0], f"column {k} (mark): {marks[i]!r} is not empty, 'Z' or 'P'"
+                source, rows[i][0], f"column {k} (mark): {str(marks[i])!r} is not empty, 'Z' or 'P'"
             )
         table["mark"] = codes
     valid = table["validflag"] >= 0 if "validflag" in table else None

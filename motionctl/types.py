@@ -9,8 +9,9 @@ is the device's own timestamp as it sent it, kept for the record.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 AXES = ("LR", "SI", "AP")
 
@@ -50,6 +51,7 @@ class MotionEstimate:
     amplitude_mm: float = math.nan  # recent peak-to-peak of the surrogate
     uncertainty_mm: float = math.nan  # 1-sigma 3-D uncertainty of predicted_mm
     model: str = "none"  # which correlation model produced it ("prior" before X-rays)
+    surrogate_mm: float = math.nan  # the processed surrogate (breathing axis, inhale +)
 
 
 class HoldReason(StrEnum):
@@ -70,8 +72,55 @@ class GateDecision:
 
     t: float
     beam_enabled: bool
-    reasons: tuple[str, ...] = field(default=())
+    reasons: tuple[str, ...] = ()
 
     @property
     def reason_text(self) -> str:
         return ",".join(self.reasons)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionGeometry:
+    """Where one X-ray projection was taken: a point source and a flat panel, in IEC 61217
+    patient coordinates with the isocentre at the origin (mm).
+
+    Pixel (i, j) -- column i, row j, pixel centres -- lies at
+    ``panel_origin_mm + i * panel_u_mm + j * panel_v_mm``; ``panel_u_mm`` and ``panel_v_mm``
+    are the steps of one pixel along a row and down a column (their length is the pixel
+    pitch at the panel).
+    """
+
+    imager: str
+    source_mm: tuple[float, float, float]
+    panel_origin_mm: tuple[float, float, float]
+    panel_u_mm: tuple[float, float, float]
+    panel_v_mm: tuple[float, float, float]
+    width_px: int
+    height_px: int
+
+
+@dataclass(frozen=True, slots=True)
+class XrayFrame:
+    """One kV projection image as received, with its geometry and acquisition time."""
+
+    device: str
+    frame_id: int  # the imaging system's frame counter; the two views of a stereo pair share it
+    t_device: float  # mid-exposure acquisition time, device clock (s)
+    t_rx: float
+    image: Any  # numpy array (height_px, width_px), uint16
+    geometry: ProjectionGeometry
+    exposure_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpirometerSample:
+    """One breath-hold spirometer reading (Active Breathing Coordinator style), as received."""
+
+    device: str
+    seq: int
+    t_device: float
+    t_rx: float
+    volume_l: float  # lung volume relative to the device's zero (end-exhale at calibration)
+    flow_l_s: float  # + inhale
+    valve_closed: bool  # the breath-hold valve is closed (patient holding)
+    feedback_level: float  # the level shown to the patient on their feedback display, litres

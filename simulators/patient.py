@@ -511,8 +511,13 @@ class TracePatient:
         self._noise_key = _noise_key(self.seed, _STREAM_NOISE)
 
         internal = read_trace(params.trace)
-        if internal.kind == "6dof":
+        if internal.kind in ("6dof", "3d"):  # IEC LR, SI, AP first
             xyz = internal.values[:, 0:3]
+        elif internal.kind != "1d":
+            raise ValueError(
+                f"{_key('trace')}: {internal.source} is a {internal.kind} trace (not IEC "
+                "patient coordinates); an internal trace must be 6-DoF, HexaMotion or 1-D SI"
+            )
         else:
             xyz = np.zeros((len(internal.t_s), 3))
             xyz[:, 1] = internal.values[:, 0]

@@ -65,6 +65,7 @@ class SurfaceTrackerSim:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._seq = 0
+        self._streaming = True  # False: frozen (connected, sending nothing), a fault hook
         self.sent: list[SentFrame] = []
         self._client_connected = threading.Condition()
 
@@ -104,6 +105,10 @@ class SurfaceTrackerSim:
             self._listener.close()
             self._listener = None
 
+    def set_streaming(self, enabled: bool) -> None:
+        """Fault hook: stop (freeze) or resume sending frames; connections stay open."""
+        self._streaming = enabled
+
     def wait_for_client(self, timeout: float) -> bool:
         with self._client_connected:
             return self._client_connected.wait_for(lambda: bool(self._clients), timeout)
@@ -138,6 +143,8 @@ class SurfaceTrackerSim:
             self._drain_requests()
 
     def _send_frame(self) -> None:
+        if not self._streaming:
+            return
         with self._clients_lock:
             clients = list(self._clients)
         if not clients:

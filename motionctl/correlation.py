@@ -1,0 +1,962 @@
+"""External-to-internal correlation model: surrogate amplitude -> internal 3-D target position.
+
+What it is for
+--------------
+The surface camera (or marker block) gives a 1-D breathing amplitude ``s`` (mm) 25-30 times a
+second; the internal liver target is seen only on sparse X-ray images ("model points", one every
+1-3 s). As CyberKnife Synchrony does, this module fits a model ``s -> (LR, SI, AP)`` at the model
+points and evaluates it at every surrogate sample, so that the gate and the tracker see the
+internal position between images. Positions are IEC 61217 (LR, SI, AP) millimetres; times are
+seconds on the caller's clock. The module is pure: no I/O, no threads, no clock reads.
+
+Features (``SurrogateHistory``)
+-------------------------------
+``ModelFeatures(s, s_dot, t)``: the surrogate value, its causal velocity and their time.
+
+- ``s_dot`` is the slope of a least-squares line through the samples of the last
+  ``velocity_window_s`` (0.4 s: about 12 samples at 30 Hz, enough to average camera noise; its
+  delay, half the window, is 5 % of a 4 s breath).
+- ``s`` is the end point of such a line through the last ``smoothing_window_s`` (0.2 s): it
+  averages ~6 camera frames, has no delay on a steady slope, and its bias at the turning points
+  (s'' w^2 / 12: ~0.02 mm for a 5 mm, 4 s breath) is negligible. Surrogate noise matters
+  because the model multiplies it by its slope (the liver moves 2-5 mm per mm of a small
+  abdominal surrogate). A slow device (two samples or fewer in 0.2 s, e.g. 5 Hz) gets its raw
+  samples.
+- ``features_at(t)``: the features at an earlier time inside the buffer (an X-ray taken
+  mid-exposure before the newest sample), interpolated linearly between the features at the
+  two samples that bracket ``t``; a time after the newest sample is refused (no future data).
+- ``features_ahead(s_pred, h)``: the features of a predicted sample ``h`` seconds after the
+  newest one (its velocity from the history plus the predicted sample).
+
+Models (each fitted per axis; the three axes use the same form, each with its own coefficients)
+-----------------------------------------------------------------------------------------------
+``z`` is the surrogate centred and scaled on the model points, ``v`` the velocity.
+
+- ``linear``:     x = a + b z.
+- ``quadratic``:  x = a + b z + c q(z). The curvature is used only inside the surrogate range of
+  the model points; beyond it the curve continues along its tangent (q = zc (2 z - zc), zc = z
+  clipped to the range), because a parabola fitted to a dozen points extrapolates badly into a
+  deep breath.
+- ``dual``:       inhale/exhale branches (hysteresis): x = a + b z + c h(v), h = +1 on the branch
+  where the surrogate rises and -1 where it falls, chosen by the sign of the velocity. Near the
+  turning points (|v| below ``dual_ramp_fraction`` = 1/4 of the largest |v| among the model
+  points) h ramps linearly from -1 to +1, so the branches meet at end-inhale and end-exhale as a
+  real loop does, and velocity noise at a turning point cannot flip the estimate. The branches
+  share the slope: two free slopes (four parameters, about six points per branch) were unstable
+  on the real traces.
+- ``augmented``:  x = a + b z + c v, state-augmented with the velocity (for small lags
+  s(t - L) = s - L s_dot, so this is also the delayed-surrogate model). At prediction the
+  velocity is clipped to the range seen at the model points (the loop is not extrapolated).
+
+Every model clamps the surrogate to the range of its points extended by ``max_extrapolation``
+(1.0) times that range on either side: inside, a model extrapolates linearly; beyond, the
+estimate stays at the edge. A fit whose points cover little of the breathing cycle therefore
+cannot produce a wild estimate before the next image checks it.
+
+Offset (baseline drift) state
+-----------------------------
+Slow internal/external drift is modelled rather than merely forgotten: each model carries a
+per-axis baseline offset b(t) that is a random walk, on top of white scatter. The fit is
+generalised least squares with point covariance C = I + K / ``offset_drift_time_s``,
+K_ij = min(tau_i, tau_j), tau = age of a point relative to the newest one: after
+``offset_drift_time_s`` (10 s) the baseline may have wandered as much as one image scatters.
+This is exactly a Kalman filter over the window's points whose state is the offset (random
+walk) and the shape coefficients (constant): the offset is updated at every image with the
+Kalman gain; old points count less for the offset but fully for the shape (slope, loop width).
+Estimates use the offset at the newest image (a random walk's best forecast). A 1 mm baseline
+step is absorbed by 41 / 60 / 79 / 92 % at the 1st / 2nd / 3rd / 4th image after it at 3 s
+imaging, 27 / 42 / 60 / 73 / 81 % at 1 s: about 80 % within 10 s either way. ``offset_mm``
+reports the baseline at the newest image minus its average over the model points (the drift
+absorbed). ``offset_drift_time_s = inf`` turns the state off (ordinary least squares).
+
+Selection
+---------
+Every enabled model is fitted at every image. When the next image arrives, each model's
+prediction of it, made before it is added, is a held-out (forward) error: exactly what the model
+is used for. Each model keeps an exponentially discounted mean of its squared 3-D forward errors
+(memory ``selection_memory`` = 20 images); scoring starts once every enabled model has a fit
+(6 points). The simplest enabled model (``linear``) is used until ``min_held_out`` (5) errors
+are scored; after that the 3-parameter model with the lowest held-out RMS is chosen only if it
+is clearly better than linear (complexity guard): below (1 - ``selection_margin``) = 0.9 times
+linear's RMS and lower by at least ``selection_min_gain_mm`` (0.05 mm). The three axes use the
+selected form (chosen on the 3-D error, the clinically relevant one).
+
+Model points, check and recovery (what a physicist can predict)
+---------------------------------------------------------------
+- At most ``max_points`` points (15, Synchrony's maximum); adding one more drops the oldest.
+- A point with a non-finite time, feature or position, or a time not after the previous point,
+  is rejected with a reason and never reaches the fit; the model state is unchanged.
+- While the model is valid, each new point is first compared with the current model's estimate
+  (offset included); the residual (3-D distance) is returned. Above ``check_threshold_mm``
+  (5 mm) the model becomes INVALID (an interlock for the gate); the reason gives the residual,
+  the threshold and the time. The suspect point is not accepted into the old model; all old
+  points are dropped (the old model evidently no longer describes the patient) and the suspect
+  point is kept as the first point of the rebuild. 5 mm is the top of KIM's 3-5 mm liver range:
+  with a ~1 mm held-out RMS, the largest correlation errors on the LARK liver traces were
+  2.6-4.2 mm apart from one 10 mm trace discontinuity, so 5 mm does not interrupt ordinary
+  breathing while it catches a shift or a bad image.
+- Building (at start) and rebuilding (after an invalidation) follow one rule: the newest
+  ``min_points`` (4) points are kept; the model becomes VALID at the first image at which these
+  points are mutually consistent: they span at least ``min_span_mm`` (0.5 mm) of surrogate
+  (else the slope is undetermined) and a linear fit to them predicts each one, left out, within
+  ``check_threshold_mm``. Otherwise the oldest is dropped and the next image is awaited. So
+  after a real shift of the target the model is valid again at the ``min_points``-th image (the
+  suspect one included); after a single bad image, at the ``min_points``-th good image after it.
+- ``state`` is a stable code for the gate and the log: "collecting" (first build, or after
+  ``reset()``, which forgets every point: a new session or an explicit re-baseline),
+  "rebuilding" (after an invalidation) or "valid"; ``reasons`` gives the words.
+- ``predict()`` returns (nan, nan, nan) whenever the model is not valid (never a stale model's
+  estimate): NaN fails every window comparison, so a caller that forgets to check ``valid``
+  still holds the beam. ``uncertainty_mm`` is then ``inf`` and ``kind`` is "".
+
+Uncertainty
+-----------
+``uncertainty_mm`` is the RMS 3-D error of ``predict()`` from held-out errors: the discounted RMS
+of the selected model's forward errors at the images. These are errors one imaging interval
+after a fit (the worst point of the interval) against measured positions (imaging noise
+included), so the figure is slightly conservative. Before ``min_held_out`` forward errors exist
+it is the leave-one-out RMS of the current points (an interpolation error, hence optimistic),
+and never less than the forward errors seen so far.
+
+What it does not model
+----------------------
+Rotations of the target; more than one surrogate channel; deformation; a time-out when images
+stop coming (the estimator, which owns the clock, must hold when the newest image is too old);
+surrogate dropouts (the history does not know that a gap occurred: clear it after a gap);
+imaging latency (``add_point`` takes the mid-exposure time with features from ``features_at``);
+prediction of the surrogate ahead of time (the predictor's job; ``features_ahead`` takes its
+output).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+__all__ = [
+    "MODEL_KINDS",
+    "CorrelationModel",
+    "CorrelationParams",
+    "ModelFeatures",
+    "PointResult",
+    "SurrogateHistory",
+    "evaluate_correlation",
+]
+
+# In order of complexity: the simplest enabled kind is the default (see "Selection").
+MODEL_KINDS = ("linear", "quadratic", "dual", "augmented")
+_N_PARAMS = {"linear": 2, "quadratic": 3, "dual": 3, "augmented": 3}
+# A 3-parameter model is fitted only with at least 3 residual degrees of freedom.
+_SPARE_DOF = 3
+_KIND_CODE = {"linear": 0, "quadratic": 1, "dual": 2, "augmented": 3}
+_NAN3 = (math.nan, math.nan, math.nan)
+# Ridge on the standardised slope terms, relative to the normal-matrix scale: numerical only
+# (keeps a breath-hold, where the surrogate hardly moves, from an ill-conditioned solve).
+_RIDGE = 1e-10
+_TIME_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# Surrogate history and features
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ModelFeatures:
+    """What the models see of the surrogate at one instant."""
+
+    s: float  # surrogate amplitude, mm (causally smoothed over smoothing_window_s)
+    s_dot: float  # causal velocity, mm/s (least-squares slope over velocity_window_s)
+    t: float = math.nan  # time of the (possibly interpolated or hypothetical) sample, s
+
+
+def _line(ts: list[float], ss: list[float]) -> tuple[float, float]:
+    """Least-squares line through (ts, ss): (its value at ts[0], its slope). ts[0] is the end
+    of the window. Slope 0.0 for fewer than 2 distinct times."""
+    n = len(ts)
+    if n < 2:
+        return ss[0], 0.0
+    mt = sum(ts) / n
+    ms = sum(ss) / n
+    num = 0.0
+    den = 0.0
+    for t, s in zip(ts, ss, strict=True):
+        dt = t - mt
+        num += dt * (s - ms)
+        den += dt * dt
+    slope = num / den if den > 0.0 else 0.0
+    return ms + slope * (ts[0] - mt), slope
+
+
+class SurrogateHistory:
+    """Ring buffer of recent (t, s) surrogate samples (preallocated; a few seconds).
+
+    Holds at least ``span_s`` seconds at rates up to ``max_rate_hz`` (more at lower rates).
+    ``append`` raises ValueError for a non-finite sample or a time not after the newest one:
+    the caller decides what a bad sample means (it is a device fault, not a model question).
+    The velocity is the slope over the last ``velocity_window_s`` (0.0 with a single sample);
+    the value is smoothed over the last ``smoothing_window_s`` (0 = raw samples). Build it with
+    ``for_params`` so that it uses the model's windows. ``features*`` raise ValueError on an
+    empty history or a time outside it.
+    """
+
+    def __init__(
+        self,
+        span_s: float = 4.0,
+        max_rate_hz: float = 60.0,
+        velocity_window_s: float = 0.4,
+        smoothing_window_s: float = 0.2,
+    ):
+        if not (span_s > 0 and max_rate_hz > 0 and math.isfinite(span_s * max_rate_hz)):
+            raise ValueError(f"span_s and max_rate_hz must be > 0, got {span_s}, {max_rate_hz}")
+        if not (0 < velocity_window_s < span_s):
+            raise ValueError(f"velocity_window_s must be in (0, span_s), got {velocity_window_s}")
+        self._cap = int(math.ceil(span_s * max_rate_hz)) + 2
+        self._t = [0.0] * self._cap
+        self._s = [0.0] * self._cap
+        self._n = 0
+        self._head = -1  # index of the newest sample
+        self.velocity_window_s = float(velocity_window_s)
+        if not (0 <= smoothing_window_s < span_s):
+            raise ValueError(f"smoothing_window_s must be in [0, span_s), got {smoothing_window_s}")
+        self.smoothing_window_s = float(smoothing_window_s)
+
+    @classmethod
+    def for_params(
+        cls, params: CorrelationParams, span_s: float = 4.0, max_rate_hz: float = 60.0
+    ) -> SurrogateHistory:
+        """A history computing the features the way ``params`` says."""
+        return cls(span_s, max_rate_hz, params.velocity_window_s, params.smoothing_window_s)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def clear(self) -> None:
+        self._n = 0
+        self._head = -1
+
+    def append(self, t: float, s: float) -> None:
+        if not (math.isfinite(t) and math.isfinite(s)):
+            raise ValueError(f"surrogate sample not finite: t={t!r}, s={s!r}")
+        if self._n and t <= self._t[self._head]:
+            raise ValueError(
+                f"surrogate sample time {t!r} s is not after the newest {self._t[self._head]!r} s"
+            )
+        self._head = (self._head + 1) % self._cap
+        self._t[self._head] = float(t)
+        self._s[self._head] = float(s)
+        if self._n < self._cap:
+            self._n += 1
+
+    # index k = 0 is the newest sample, k = n - 1 the oldest
+    def _idx(self, k: int) -> int:
+        return (self._head - k) % self._cap
+
+    def _line_ending_at(
+        self, k: int, window: float, extra: tuple[float, float] | None = None
+    ) -> tuple[float, float]:
+        """(value, slope) of the line fitted to the window ending at sample k (or at the
+        hypothetical sample ``extra``)."""
+        t_end = extra[0] if extra is not None else self._t[self._idx(k)]
+        lo = t_end - window - _TIME_EPS
+        ts: list[float] = []
+        ss: list[float] = []
+        if extra is not None:
+            ts.append(extra[0])
+            ss.append(extra[1])
+        j = k
+        while j < self._n:
+            i = self._idx(j)
+            if self._t[i] < lo:
+                break
+            ts.append(self._t[i])
+            ss.append(self._s[i])
+            j += 1
+        # Sparse samples (a slow device, or a horizon longer than the window): use the nearest
+        # older sample so that the velocity is still a causal difference.
+        if len(ts) < 2 and j < self._n:
+            i = self._idx(j)
+            ts.append(self._t[i])
+            ss.append(self._s[i])
+        return _line(ts, ss)
+
+    def _require(self) -> None:
+        if self._n == 0:
+            raise ValueError("surrogate history is empty")
+
+    def features(self) -> ModelFeatures:
+        """Features at the newest sample."""
+        self._require()
+        return self._features_of(0)
+
+    def _features_of(self, k: int) -> ModelFeatures:
+        i = self._idx(k)
+        slope = self._line_ending_at(k, window=self.velocity_window_s)[1]
+        if self.smoothing_window_s > 0:
+            value = self._line_ending_at(k, window=self.smoothing_window_s)[0]
+        else:
+            value = self._s[i]
+        return ModelFeatures(value, slope, self._t[i])
+
+    def features_at(self, t: float) -> ModelFeatures:
+        """Features at an earlier time inside the buffer, interpolated between the features at
+        the two samples that bracket ``t`` (exact at a sample time)."""
+        self._require()
+        if not math.isfinite(t):
+            raise ValueError(f"time not finite: {t!r}")
+        t_new = self._t[self._head]
+        t_old = self._t[self._idx(self._n - 1)]
+        if t > t_new + _TIME_EPS:
+            raise ValueError(
+                f"time {t:.3f} s is after the newest surrogate sample ({t_new:.3f} s): "
+                "wait for the next sample (the model must never use future data)"
+            )
+        if t < t_old - _TIME_EPS:
+            raise ValueError(
+                f"time {t:.3f} s is before the oldest surrogate sample held ({t_old:.3f} s)"
+            )
+        k = 0
+        while k < self._n - 1 and self._t[self._idx(k)] > t + _TIME_EPS:
+            k += 1
+        f1 = self._features_of(k)
+        if k == 0 or abs(f1.t - t) <= _TIME_EPS:
+            return ModelFeatures(f1.s, f1.s_dot, t)
+        f2 = self._features_of(k - 1)  # the sample after t
+        a = (t - f1.t) / (f2.t - f1.t)
+        return ModelFeatures(f1.s + a * (f2.s - f1.s), f1.s_dot + a * (f2.s_dot - f1.s_dot), t)
+
+    def features_ahead(self, s_pred: float, horizon_s: float) -> ModelFeatures:
+        """Features of a hypothetical sample ``s_pred`` at newest time + ``horizon_s`` (the
+        predictor's output); the velocity uses the history before it. ``horizon_s = 0`` with
+        ``features().s`` gives ``features()``."""
+        self._require()
+        if not (math.isfinite(s_pred) and math.isfinite(horizon_s) and horizon_s >= 0):
+            raise ValueError(f"need finite s_pred and horizon_s >= 0: {s_pred!r}, {horizon_s!r}")
+        t_h = self._t[self._head] + horizon_s
+        # the hypothetical sample replaces any sample at its own time (horizon 0)
+        k = 0
+        while k < self._n and self._t[self._idx(k)] >= t_h - _TIME_EPS:
+            k += 1
+        v = self._line_ending_at(k, self.velocity_window_s, extra=(t_h, s_pred))[1]
+        return ModelFeatures(s_pred, v, t_h)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters and results
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CorrelationParams:
+    """Correlation-model settings (field names are the keys of a ``[correlation]`` table)."""
+
+    max_points: int = 15  # model points kept (oldest dropped); as Synchrony's maximum
+    min_points: int = 4  # consistent points needed to (re)build a valid model
+    check_threshold_mm: float = 5.0  # a new point further than this from the model: INVALID
+    models: tuple[str, ...] = MODEL_KINDS  # candidates; the simplest enabled is the default
+    offset_drift_time_s: float = 10.0  # random-walk offset: drift variance = scatter after this
+    selection_margin: float = 0.1  # a 3-parameter model must beat linear's RMS by this fraction
+    selection_min_gain_mm: float = 0.05  # ... and by at least this much (clinically relevant)
+    selection_memory: float = 20.0  # images: memory of the discounted held-out error
+    min_held_out: int = 5  # held-out errors before a non-default model may be chosen
+    dual_ramp_fraction: float = 0.25  # dual: |v| below this x max |v| of the points ramps h
+    velocity_window_s: float = 0.4  # causal velocity window (pass to SurrogateHistory)
+    smoothing_window_s: float = 0.2  # causal surrogate smoothing window (pass to it too)
+    min_span_mm: float = 0.5  # (re)building: the points must span this much surrogate
+    max_extrapolation: float = 1.0  # surrogate clamped to the points' range +- this x range
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.min_points, int) and self.min_points >= 3):
+            problems.append(f"min_points = {self.min_points!r}: expected an integer >= 3")
+        if not (isinstance(self.max_points, int) and self.max_points >= max(self.min_points, 3)):
+            problems.append(f"max_points = {self.max_points!r}: expected an integer >= min_points")
+        if not (self.check_threshold_mm > 0 and math.isfinite(self.check_threshold_mm)):
+            problems.append(f"check_threshold_mm = {self.check_threshold_mm!r}: expected > 0 mm")
+        models = tuple(self.models)
+        if (
+            not models
+            or any(m not in MODEL_KINDS for m in models)
+            or len(set(models)) < len(models)
+        ):
+            problems.append(f"models = {self.models!r}: expected distinct names from {MODEL_KINDS}")
+        if not (self.offset_drift_time_s > 0):
+            problems.append(
+                f"offset_drift_time_s = {self.offset_drift_time_s!r}: expected > 0 s (inf = off)"
+            )
+        if not (0 <= self.selection_min_gain_mm < math.inf):
+            problems.append(
+                f"selection_min_gain_mm = {self.selection_min_gain_mm!r}: expected >= 0 mm"
+            )
+        if not (0 <= self.selection_margin < 1):
+            problems.append(f"selection_margin = {self.selection_margin!r}: expected in [0, 1)")
+        if not (self.selection_memory >= 1 and math.isfinite(self.selection_memory)):
+            problems.append(f"selection_memory = {self.selection_memory!r}: expected >= 1")
+        if not (isinstance(self.min_held_out, int) and self.min_held_out >= 1):
+            problems.append(f"min_held_out = {self.min_held_out!r}: expected an integer >= 1")
+        if not (0 < self.dual_ramp_fraction <= 1):
+            problems.append(f"dual_ramp_fraction = {self.dual_ramp_fraction!r}: expected in (0, 1]")
+        if not (0 <= self.smoothing_window_s <= 2):
+            problems.append(
+                f"smoothing_window_s = {self.smoothing_window_s!r}: expected [0, 2] s (0 = raw)"
+            )
+        if not (0 < self.velocity_window_s <= 2):
+            problems.append(f"velocity_window_s = {self.velocity_window_s!r}: expected (0, 2] s")
+        if not (0 <= self.min_span_mm < math.inf):
+            problems.append(f"min_span_mm = {self.min_span_mm!r}: expected >= 0 mm")
+        if not (0 <= self.max_extrapolation < math.inf):
+            problems.append(f"max_extrapolation = {self.max_extrapolation!r}: expected >= 0")
+        if problems:
+            raise ValueError("invalid CorrelationParams: " + "; ".join(problems))
+        # canonical order (simplest first), so that the default does not depend on the order
+        object.__setattr__(self, "models", tuple(k for k in MODEL_KINDS if k in models))
+
+    @classmethod
+    def from_mapping(cls, mapping: dict) -> CorrelationParams:
+        """Build from a ``[correlation]`` config table (unknown keys are an error)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ValueError(f"unknown [correlation] keys: {unknown}; known: {sorted(known)}")
+        kwargs = dict(mapping)
+        if "models" in kwargs:
+            kwargs["models"] = tuple(kwargs["models"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class PointResult:
+    """What ``add_point`` did with a point.
+
+    ``accepted`` is False for a rejected point (bad input) and for the point that invalidated
+    the model (it is kept only as the first point of the rebuild); points added while building
+    are accepted (there is no model to check them against yet).
+    """
+
+    residual_mm: float | None  # 3-D distance model -> measured point before adding it
+    accepted: bool  # passed every check that applies and joined the model's points
+    model_valid: bool  # model validity after this point
+    reason: str | None  # why rejected / why the model is invalid (None when valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting
+# --------------------------------------------------------------------------------------------
+class _Fit:
+    """One fitted model (all three axes), stored as plain floats for a cheap predict()."""
+
+    __slots__ = (
+        "kind",
+        "code",
+        "sc",
+        "inv_ss",
+        "zlo",
+        "zhi",
+        "zmin",
+        "zmax",
+        "vlo",
+        "vhi",
+        "inv_v",
+        "coef",
+    )
+
+    def __init__(self, kind, sc, inv_ss, zlo, zhi, extrap, vlo, vhi, inv_v, coef):
+        self.kind = kind
+        self.code = _KIND_CODE[kind]
+        self.sc, self.inv_ss, self.zlo, self.zhi = sc, inv_ss, zlo, zhi
+        # never extrapolate further than extrap x the points' own span beyond them
+        self.zmin = zlo - extrap * (zhi - zlo)
+        self.zmax = zhi + extrap * (zhi - zlo)
+        self.vlo, self.vhi, self.inv_v = vlo, vhi, inv_v
+        self.coef = coef  # ((a, b, c) LR, (a, b, c) SI, (a, b, c) AP); c = 0 for linear
+
+    def third(self, z: float, v: float) -> float:
+        code = self.code
+        if code == 0:
+            return 0.0
+        if code == 1:  # curvature inside the fitted range, tangent beyond
+            zc = self.zlo if z < self.zlo else (self.zhi if z > self.zhi else z)
+            return zc * (2.0 * z - zc)
+        if code == 2:  # branch: -1 falling ... +1 rising, ramped near the turning points
+            h = v * self.inv_v
+            return -1.0 if h < -1.0 else (1.0 if h > 1.0 else h)
+        vc = self.vlo if v < self.vlo else (self.vhi if v > self.vhi else v)
+        return vc * self.inv_v
+
+    def predict(self, s: float, v: float) -> tuple[float, float, float]:
+        z = (s - self.sc) * self.inv_ss
+        z = self.zmin if z < self.zmin else (self.zmax if z > self.zmax else z)
+        g = self.third(z, v)
+        (a0, b0, c0), (a1, b1, c1), (a2, b2, c2) = self.coef
+        return (a0 + b0 * z + c0 * g, a1 + b1 * z + c1 * g, a2 + b2 * z + c2 * g)
+
+
+def _design(kind: str, z: np.ndarray, v: np.ndarray, fit_params: dict) -> np.ndarray:
+    one = np.ones_like(z)
+    if kind == "linear":
+        return np.column_stack((one, z))
+    if kind == "quadratic":
+        return np.column_stack((one, z, z * z))  # inside the range by construction
+    if kind == "dual":
+        return np.column_stack((one, z, np.clip(v * fit_params["inv_v_dual"], -1.0, 1.0)))
+    return np.column_stack((one, z, v * fit_params["inv_v_aug"]))
+
+
+def _gls(A: np.ndarray, Ci: np.ndarray, Y: np.ndarray):
+    """Generalised least squares with point precision Ci (C inverse).
+
+    Returns (coefficients p x 3, inverse normal matrix, Ci A) -- the last two for the
+    leave-one-out residuals."""
+    p = A.shape[1]
+    CiA = Ci @ A
+    G = A.T @ CiA
+    reg = _RIDGE * max(float(np.trace(G)) / p, 1e-12)
+    G[1:, 1:] += reg * np.eye(p - 1)  # the intercept (baseline) is never shrunk
+    Gi = np.linalg.inv(G)
+    return Gi @ (CiA.T @ Y), Gi, CiA
+
+
+def _loo_residuals(A, Ci, Y, coef, Gi, CiA) -> np.ndarray:
+    """Leave-one-out residuals of a GLS fit (n x 3), exact for known C (Dubrule 1983)."""
+    Q = Ci - CiA @ Gi @ CiA.T
+    r = Y - A @ coef
+    return (Ci @ r - CiA @ (Gi @ (CiA.T @ r))) / np.diag(Q)[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+class CorrelationModel:
+    """Surrogate -> internal position model with point management, check and recovery.
+
+    See the module docstring for the models, the selection, the offset state and the
+    invalid/recovery rule.
+    """
+
+    def __init__(self, params: CorrelationParams | None = None):
+        self.params = params if params is not None else CorrelationParams()
+        self._default_kind = self.params.models[0]
+        self._lambda = (
+            0.0
+            if math.isinf(self.params.offset_drift_time_s)
+            else (1.0 / self.params.offset_drift_time_s)
+        )
+        self._gamma = 1.0 - 1.0 / self.params.selection_memory
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every point (a new session, or an explicit re-baseline): state "collecting"."""
+        self._reset(reason=f"collecting model points: 0 of {self.params.min_points}")
+        self._state = "collecting"
+
+    # ---- state -----------------------------------------------------------------------------
+    def _reset(self, reason: str) -> None:
+        self._t: list[float] = []
+        self._s: list[float] = []
+        self._v: list[float] = []
+        self._y: list[tuple[float, float, float]] = []
+        self._valid = False
+        self._reasons: tuple[str, ...] = (reason,)
+        self._fits: dict[str, _Fit] = {}
+        self._sel: _Fit | None = None  # the fit predict() uses (None while invalid)
+        self._score = dict.fromkeys(self.params.models, 0.0)
+        self._score_w = 0.0
+        self._n_scored = 0
+        self._loo_rms = math.inf
+        self._offset = (0.0, 0.0, 0.0)
+
+    @property
+    def valid(self) -> bool:
+        return self._valid
+
+    @property
+    def state(self) -> str:
+        """A stable code: "collecting" (first build), "rebuilding" (after an invalidation,
+        until valid again) or "valid"; ``reasons`` says more."""
+        return "valid" if self._valid else self._state
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return self._reasons
+
+    @property
+    def kind(self) -> str:
+        """The selected model ("" while not valid)."""
+        return self._sel.kind if (self._valid and self._sel is not None) else ""
+
+    @property
+    def n_points(self) -> int:
+        return len(self._t)
+
+    @property
+    def point_times(self) -> tuple[float, ...]:
+        """Times of the model points held, oldest first."""
+        return tuple(self._t)
+
+    @property
+    def offset_mm(self) -> tuple[float, float, float]:
+        """Baseline at the newest image minus its average over the model points (per axis)."""
+        return self._offset
+
+    @property
+    def held_out_rms_mm(self) -> dict[str, float]:
+        """Discounted held-out (forward) RMS 3-D error per candidate (nan before scoring)."""
+        if self._score_w <= 0:
+            return dict.fromkeys(self._score, math.nan)
+        return {k: math.sqrt(v / self._score_w) for k, v in self._score.items()}
+
+    @property
+    def uncertainty_mm(self) -> float:
+        """RMS 3-D error of predict() from held-out residuals (inf while not valid)."""
+        if not self._valid or self._sel is None:
+            return math.inf
+        if self._n_scored >= self.params.min_held_out:
+            return math.sqrt(self._score[self._sel.kind] / self._score_w)
+        fwd = math.sqrt(self._score[self._sel.kind] / self._score_w) if self._score_w else 0.0
+        return max(self._loo_rms, fwd)
+
+    # ---- prediction ------------------------------------------------------------------------
+    def predict(self, features: ModelFeatures) -> tuple[float, float, float]:
+        """Internal (LR, SI, AP) mm at the features; (nan, nan, nan) while not valid."""
+        fit = self._sel
+        if fit is None or not self._valid:
+            return _NAN3
+        s = features.s
+        v = features.s_dot
+        if not (math.isfinite(s) and math.isfinite(v)):
+            return _NAN3
+        return fit.predict(s, v)
+
+    # ---- points ----------------------------------------------------------------------------
+    def add_point(
+        self, t: float, features: ModelFeatures, internal_mm: tuple[float, float, float]
+    ) -> PointResult:
+        """Check a new model point against the model, then add it and refit (see the module
+        docstring for the rule)."""
+        p = self.params
+        bad = self._check_input(t, features, internal_mm)
+        if bad is not None:
+            return PointResult(None, False, self._valid, bad)
+        y = (float(internal_mm[0]), float(internal_mm[1]), float(internal_mm[2]))
+        s, v = float(features.s), float(features.s_dot)
+
+        # Held-out errors of every candidate for this point, before it is added.
+        residual = None
+        if self._fits:
+            errs = {}
+            for kind, fit in self._fits.items():
+                px, py, pz = fit.predict(s, v)
+                errs[kind] = (y[0] - px) ** 2 + (y[1] - py) ** 2 + (y[2] - pz) ** 2
+            if self._sel is not None:
+                residual = math.sqrt(errs[self._sel.kind])
+        else:
+            errs = {}
+
+        if self._valid and residual is not None and residual > p.check_threshold_mm:
+            reason = (
+                f"model INVALID: correlation error {residual:.2f} mm > "
+                f"{p.check_threshold_mm:.2f} mm at t={t:.2f} s; old points dropped, rebuilding "
+                f"from this point (1 of {p.min_points} points)"
+            )
+            self._reset(reason)
+            self._state = "rebuilding"
+            self._append(t, s, v, y)
+            return PointResult(residual, False, False, reason)
+
+        # Score the candidates only on images where all of them had a fit (comparable sets).
+        if self._valid and len(errs) == len(p.models):
+            g = self._gamma
+            for kind, e2 in errs.items():
+                self._score[kind] = g * self._score[kind] + e2
+            self._score_w = g * self._score_w + 1.0
+            self._n_scored += 1
+
+        self._append(t, s, v, y)
+        if self._valid:
+            while len(self._t) > p.max_points:
+                self._drop_oldest()
+            self._refit()
+            return PointResult(residual, True, True, None)
+
+        # Building / rebuilding: keep the newest min_points; valid once they are consistent.
+        while len(self._t) > p.min_points:
+            self._drop_oldest()
+        n = len(self._t)
+        if n < p.min_points:
+            self._reasons = (self._building_reason(f"{n} of {p.min_points} points"),)
+            return PointResult(residual, True, False, self._reasons[0])
+        span = max(self._s) - min(self._s)
+        if span < p.min_span_mm:
+            self._reasons = (
+                self._building_reason(
+                    f"points span only {span:.2f} mm of surrogate (< {p.min_span_mm:.2f} mm): "
+                    "the slope is not determined; the oldest is dropped at the next point"
+                ),
+            )
+            return PointResult(residual, True, False, self._reasons[0])
+        worst, t_worst = self._consistency()
+        if worst > p.check_threshold_mm:
+            self._reasons = (
+                self._building_reason(
+                    f"points not consistent: left-out error {worst:.2f} mm > "
+                    f"{p.check_threshold_mm:.2f} mm (point at t={t_worst:.2f} s); "
+                    "the oldest is dropped at the next point"
+                ),
+            )
+            return PointResult(residual, True, False, self._reasons[0])
+        self._valid = True
+        self._reasons = ()
+        self._refit()
+        return PointResult(residual, True, True, None)
+
+    def _building_reason(self, what: str) -> str:
+        first = self._reasons[0] if self._reasons else ""
+        if first.startswith("model INVALID"):
+            head = first.split(";", 1)[0]
+            return f"{head}; old points dropped, rebuilding: {what}"
+        return f"collecting model points: {what}"
+
+    def _check_input(self, t, features, internal_mm) -> str | None:
+        try:
+            vals = (float(t), float(features.s), float(features.s_dot))
+            pos = tuple(float(x) for x in internal_mm)
+        except (TypeError, ValueError, AttributeError) as exc:
+            return f"point rejected: malformed input ({exc})"
+        if len(pos) != 3:
+            return f"point rejected: internal position needs 3 values, got {len(pos)}"
+        if not all(math.isfinite(x) for x in vals):
+            return f"point rejected: non-finite time or features (t={t!r}, features={features!r})"
+        if not all(math.isfinite(x) for x in pos):
+            return f"point rejected: non-finite internal position {internal_mm!r}"
+        if self._t and vals[0] <= self._t[-1]:
+            return (
+                f"point rejected: time {vals[0]:.3f} s is not after the previous model point "
+                f"({self._t[-1]:.3f} s)"
+            )
+        return None
+
+    def _append(self, t, s, v, y) -> None:
+        self._t.append(float(t))
+        self._s.append(s)
+        self._v.append(v)
+        self._y.append(y)
+
+    def _drop_oldest(self) -> None:
+        del self._t[0], self._s[0], self._v[0], self._y[0]
+
+    # ---- fitting ---------------------------------------------------------------------------
+    def _arrays(self):
+        t = np.asarray(self._t)
+        s = np.asarray(self._s)
+        v = np.asarray(self._v)
+        Y = np.asarray(self._y)
+        tau = t[-1] - t
+        n = len(t)
+        C = np.eye(n)
+        if self._lambda > 0:
+            C += self._lambda * np.minimum.outer(tau, tau)
+        Ci = np.linalg.inv(C)
+        sc = float(s.mean())
+        ss = float(s.std())
+        inv_ss = 1.0 / ss if ss > 1e-6 else 1.0  # a flat surrogate: slope terms ~ 0 (ridge)
+        z = (s - sc) * inv_ss
+        return t, z, v, Y, Ci, sc, inv_ss
+
+    def _consistency(self) -> tuple[float, float]:
+        """Worst leave-one-out 3-D error of a default-model fit to the current points."""
+        t, z, v, Y, Ci, sc, inv_ss = self._arrays()
+        kind = "linear"  # the building check always uses the simplest model
+        A = _design(kind, z, v, {})
+        coef, Gi, CiA = _gls(A, Ci, Y)
+        loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
+        e = np.sqrt(np.sum(loo * loo, axis=1))
+        i = int(np.argmax(e))
+        return float(e[i]), float(t[i])
+
+    def _refit(self) -> None:
+        p = self.params
+        t, z, v, Y, Ci, sc, inv_ss = self._arrays()
+        n = len(t)
+        vmax = float(np.max(np.abs(v)))
+        aux = {
+            "inv_v_dual": 1.0 / (p.dual_ramp_fraction * vmax) if vmax > 1e-9 else 0.0,
+            "inv_v_aug": 1.0 / vmax if vmax > 1e-9 else 0.0,
+        }
+        zlo, zhi = float(z.min()), float(z.max())
+        vlo, vhi = float(v.min()), float(v.max())
+        fits: dict[str, _Fit] = {}
+        keep: dict[str, tuple] = {}  # kind -> what the LOO and offset reports need
+        for kind in p.models:
+            npar = _N_PARAMS[kind]
+            # the default model is always fitted (n >= min_points >= 3); the others only with
+            # spare degrees of freedom
+            need = min(p.min_points, n) if kind == self._default_kind else npar + _SPARE_DOF
+            if n < max(need, npar):
+                continue
+            A = _design(kind, z, v, aux)
+            coef, Gi, CiA = _gls(A, Ci, Y)
+            c = coef.T  # 3 x p
+            rows = tuple(
+                (float(c[ax, 0]), float(c[ax, 1]), float(c[ax, 2]) if npar == 3 else 0.0)
+                for ax in range(3)
+            )
+            inv_v = aux["inv_v_dual"] if kind == "dual" else aux["inv_v_aug"]
+            fits[kind] = _Fit(
+                kind, sc, inv_ss, zlo, zhi, p.max_extrapolation, vlo, vhi, inv_v, rows
+            )
+            keep[kind] = (A, coef, Gi, CiA)
+        self._fits = fits
+        sel = self._select()
+        self._sel = fits[sel]
+        A, coef, Gi, CiA = keep[sel]
+        r = Y - A @ coef
+        # Kriging estimate of the random-walk part at the points, u_i = b(t_i) - b(t_newest).
+        if self._lambda > 0:
+            tau = t[-1] - t
+            u = self._lambda * np.minimum.outer(tau, tau) @ (Ci @ r)
+            self._offset = tuple(float(x) for x in -u.mean(axis=0))
+        else:
+            self._offset = (0.0, 0.0, 0.0)
+        if self._n_scored < p.min_held_out:
+            loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
+            self._loo_rms = float(np.sqrt(np.mean(np.sum(loo * loo, axis=1))))
+
+    def _select(self) -> str:
+        p = self.params
+        default = self._default_kind
+        if self._n_scored < p.min_held_out:
+            return default
+        base = self._score[default]
+        best, best_score = default, base
+        for kind in p.models[1:]:
+            if kind in self._fits and self._score[kind] < best_score:
+                best, best_score = kind, self._score[kind]
+        if best == default or self._score_w <= 0:
+            return default
+        # complexity guard on the held-out RMS: clearly better, relatively and absolutely
+        rms_best = math.sqrt(best_score / self._score_w)
+        rms_base = math.sqrt(base / self._score_w)
+        if (
+            rms_best < (1.0 - p.selection_margin) * rms_base
+            and rms_base - rms_best >= p.selection_min_gain_mm
+        ):
+            return best
+        return default
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation by simulated imaging
+# --------------------------------------------------------------------------------------------
+def evaluate_correlation(
+    t_int: np.ndarray,
+    internal_mm: np.ndarray,
+    t_sur: np.ndarray,
+    surrogate_mm: np.ndarray,
+    imaging_period_s: float,
+    params: CorrelationParams | None = None,
+    skip_s: float = 60.0,
+    noise_mm: float = 0.0,
+    seed: int = 0,
+    image_latency_s: float = 0.0,
+) -> dict:
+    """Simulate imaging on a paired trace and score the model at every surrogate sample.
+
+    Images are taken at internal sample times, the first at or after the first surrogate
+    sample and each next one at the first internal sample at least ``imaging_period_s`` after
+    the previous; the imaged position gets Gaussian noise ``noise_mm`` per axis. An image taken
+    at t is used from the first surrogate sample at or after t + ``image_latency_s`` (features
+    from ``features_at(t)``). At every surrogate sample, the estimate ``predict()`` is compared
+    with the internal position linearly interpolated to that time (samples outside the internal
+    trace are not scored). Everything is causal. Scores are over samples (and images) at or
+    after ``t_sur[0] + skip_s``; samples where the model is invalid are not in the RMS but are
+    counted in ``valid_fraction``. ``correlation_error_mm`` is over the images that met a valid
+    model (the residual before the image updates it); ``n_invalid`` counts the images that
+    invalidated it; ``kinds`` counts the selected model after each image. Surrogate times must
+    increase and its samples be finite (ValueError otherwise, from ``SurrogateHistory``).
+    """
+    params = params if params is not None else CorrelationParams()
+    t_int = np.asarray(t_int, dtype=float)
+    X = np.asarray(internal_mm, dtype=float)
+    t_sur = np.asarray(t_sur, dtype=float)
+    sur = np.asarray(surrogate_mm, dtype=float).reshape(-1)
+    if X.shape != (len(t_int), 3) or len(sur) != len(t_sur) or len(t_sur) < 2:
+        raise ValueError("need internal_mm (N, 3) matching t_int and surrogate (M,) matching t_sur")
+    if not imaging_period_s > 0:
+        raise ValueError(f"imaging_period_s must be > 0, got {imaging_period_s}")
+    rng = np.random.default_rng(seed)
+
+    # image schedule at internal sample times
+    img: list[int] = []
+    t_next = t_sur[0]
+    for i, ti in enumerate(t_int):
+        if ti >= t_next - _TIME_EPS and ti <= t_sur[-1]:
+            img.append(i)
+            t_next = ti + imaging_period_s
+    img_t = t_int[img]
+    img_y = X[img] + (rng.normal(0.0, noise_mm, (len(img), 3)) if noise_mm > 0 else 0.0)
+
+    truth = np.column_stack([np.interp(t_sur, t_int, X[:, ax]) for ax in range(3)])
+    in_range = (t_sur >= t_int[0]) & (t_sur <= t_int[-1])
+    t0 = t_sur[0] + skip_s
+
+    model = CorrelationModel(params)
+    span = max(4.0, image_latency_s + 2 * params.velocity_window_s + 1.0)
+    rate = min(1.0 / max(float(np.min(np.diff(t_sur))), 1e-6), 1000.0)
+    hist = SurrogateHistory.for_params(params, span_s=span, max_rate_hz=rate)
+
+    est = np.full((len(t_sur), 3), np.nan)
+    unc = np.full(len(t_sur), np.nan)
+    corr_err: list[float] = []
+    kinds: Counter[str] = Counter()
+    n_invalid = 0
+    n_images = 0
+    j = 0
+    for k, (tk, sk) in enumerate(zip(t_sur, sur, strict=True)):
+        hist.append(float(tk), float(sk))
+        while j < len(img) and img_t[j] + image_latency_s <= tk + _TIME_EPS:
+            ti = float(img_t[j])
+            try:
+                f = hist.features_at(ti)
+            except ValueError:  # image older than the history (cannot happen after start)
+                j += 1
+                continue
+            was_valid = model.valid
+            res = model.add_point(ti, f, tuple(img_y[j]))
+            if ti >= t0:
+                n_images += 1
+                if res.residual_mm is not None and was_valid:
+                    corr_err.append(res.residual_mm)
+                if was_valid and not res.model_valid:
+                    n_invalid += 1
+                if model.valid:
+                    kinds[model.kind] += 1
+            j += 1
+        if model.valid:
+            est[k] = model.predict(hist.features())
+            unc[k] = model.uncertainty_mm
+
+    scored = (t_sur >= t0) & in_range
+    ok = scored & np.isfinite(est[:, 0])
+    err = est[ok] - truth[ok]
+    e3 = np.sqrt(np.sum(err * err, axis=1))
+    ce = np.asarray(corr_err)
+
+    def q(a, pct):
+        return float(np.percentile(a, pct)) if a.size else math.nan
+
+    return {
+        "rms_3d_mm": float(np.sqrt(np.mean(e3**2))) if e3.size else math.nan,
+        "p95_3d_mm": q(e3, 95),
+        "max_3d_mm": float(e3.max()) if e3.size else math.nan,
+        "rms_axis_mm": {
+            name: float(np.sqrt(np.mean(err[:, ax] ** 2))) if e3.size else math.nan
+            for ax, name in enumerate(("LR", "SI", "AP"))
+        },
+        "correlation_error_mm": {"median": q(ce, 50), "p95": q(ce, 95), "max": q(ce, 100)},
+        "uncertainty_rms_mm": float(np.sqrt(np.mean(unc[ok] ** 2))) if e3.size else math.nan,
+        "within_uncertainty": float(np.mean(e3 <= unc[ok])) if e3.size else math.nan,
+        "n_samples": int(scored.sum()),
+        "valid_fraction": float(ok.sum() / max(int(scored.sum()), 1)),
+        "n_images": n_images,
+        "n_invalid": n_invalid,
+        "kinds": dict(kinds),
+    }

@@ -1,0 +1,803 @@
+"""Latency-compensating prediction of a 1-D breathing signal.
+
+The beam gate acts on where the target *will be* when the beam responds, one system latency
+(``horizon_s``, typically 0.1-0.5 s) after the sample: a predictor consumes the uniformly
+sampled surrogate one sample at a time and returns its forecast of the sample ``H`` steps
+ahead, ``H = round(horizon_s * rate_hz)``. Everything here is pure: samples in, prediction
+out; no clock, no I/O, no threads, deterministic.
+
+Methods (``PREDICTORS``; ``make_predictor("default", ...)`` gives ``DEFAULT_PREDICTOR``):
+
+- ``none``: the current value (what the gate sees without prediction); the reference that
+  ``relative_rmse`` divides by.
+- ``nlms``: normalised least mean squares on a delay vector, the classical adaptive linear
+  filter of respiratory prediction (Haykin, *Adaptive Filter Theory*; Ernst et al.,
+  Phys Med Biol 58:3911, 2013, as the baseline of their comparison).
+- ``ridge``: online ridge regression with exponential forgetting (RLS with a ridge prior) on
+  a 4 s delay vector, refitted every 0.2 s (Sharp et al., Phys Med Biol 49:425, 2004 for
+  linear prediction of tumour motion; Ernst 2013's RLS).
+- ``analogue``: nearest-neighbour "method of analogues" forecasting in delay-embedding space
+  (Lorenz 1969; Farmer & Sidorowich, Phys Rev Lett 59:845, 1987; for breathing, Ruan et al.,
+  Phys Med Biol 52:7137, 2007): find the moments of the last two minutes whose recent 2 s
+  of motion looked most like now and average what happened ``H`` samples after them.
+  It captures the non-linear shape of a breath (sharp end-inhale turn, end-exhale rest)
+  that a linear filter cannot.
+- ``ensemble``: ``analogue`` and ``ridge`` mixed with weights inversely proportional to
+  their recent squared error (a classical forecast combination, Bates & Granger 1969).
+  The analogue method does the work on regular breathing; the ridge takes over when the
+  breathing does something the last two minutes have no example of. It is the default.
+
+Rate independence. Every length is a duration in seconds, never a sample count. The delay
+vector is read from a ring buffer of running sums as the means of consecutive 0.2 s blocks
+(a boxcar anti-alias filter, then decimation), so a 4 s vector has 20 entries at 5, 10 or
+30 Hz alike, and at 30 Hz each entry averages 6 samples of noise. Learning (ridge
+statistics, the nLMS step, analogue library entries) happens on a ~10 Hz tick grid
+(``tick_s``), so the cost per second and the learning speed do not grow with the rate.
+Forgetting factors are computed from half-lives in seconds. All models work on increments
+(``x[n] - block mean``) and predict ``x[n+H] - x[n]``, so they are blind to the baseline
+and a zero model is exactly the ``none`` predictor.
+
+Cost: per sample a few small numpy operations on preallocated buffers; ridge refits (a
+21 x 21 solve) happen every 0.2 s, not every sample. See ``bench/bench_prediction.py``.
+
+Safety: ``step`` refuses non-finite input (the caller resets the predictor across invalid
+data). ``diverged`` latches when the input leaves any physical range, the state becomes
+non-finite, or the recent error is several times that of no prediction; a diverged
+predictor returns the current value until ``reset()``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_PREDICTOR",
+    "PREDICTORS",
+    "AnaloguePredictor",
+    "EnsemblePredictor",
+    "NLMSPredictor",
+    "NoPredictor",
+    "Predictor",
+    "RidgePredictor",
+    "evaluate_predictor",
+    "horizon_samples",
+    "make_predictor",
+]
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    name: str
+    horizon_s: float
+
+    def step(self, value: float) -> float:
+        """Consume x[n]; return the prediction of x[n + H]."""
+        ...
+
+    def reset(self) -> None:
+        """Forget everything (after a gap or invalid data)."""
+        ...
+
+    @property
+    def diverged(self) -> bool:
+        """True if the state is non-finite or the recent error exploded (until reset)."""
+        ...
+
+
+# Inputs beyond this magnitude (mm) are not breathing: the predictor latches ``diverged``
+# instead of letting the value overflow its running sums.
+_MAX_ABS_INPUT_MM = 1.0e6
+
+# ``diverged`` fires when the recent RMS error exceeds this multiple of the recent RMS
+# error of no prediction (plus an absolute slack, mm). Prediction that is 4x worse than
+# not predicting at all is a fault, not a bad breath: on the recorded traces the ratio
+# over a few seconds stays below ~2 (see the bench).
+_DIVERGED_ERROR_RATIO = 4.0
+_DIVERGED_SLACK_MM = 1.0
+_DIVERGED_HALF_LIFE_S = 2.0
+
+_RIDGE_PRIOR_SAMPLES = 5.0
+
+
+def horizon_samples(rate_hz: float, horizon_s: float) -> int:
+    """The horizon in samples: ``horizon_s * rate_hz`` rounded to the nearest integer
+    (halves up), and at least 1 unless the horizon is 0."""
+    _check_rate_horizon(rate_hz, horizon_s)
+    if horizon_s == 0.0:
+        return 0
+    # The 1e-9 guards products such as 0.15 * 10 = 1.4999999999999998 against
+    # rounding down.
+    return max(1, math.floor(horizon_s * rate_hz + 0.5 + 1e-9))
+
+
+def _check_rate_horizon(rate_hz: float, horizon_s: float) -> None:
+    if not (isinstance(rate_hz, int | float) and math.isfinite(rate_hz) and rate_hz > 0):
+        raise ValueError(f"rate_hz must be a finite positive number, got {rate_hz!r}")
+    if not (isinstance(horizon_s, int | float) and math.isfinite(horizon_s) and horizon_s >= 0):
+        raise ValueError(f"horizon_s must be a finite number >= 0, got {horizon_s!r}")
+
+
+def _half_life_factor(half_life_s: float, interval_s: float) -> float:
+    """Per-update forgetting factor that halves a weight after ``half_life_s`` seconds."""
+    return 0.5 ** (interval_s / half_life_s)
+
+
+# -- the shared delay line ------------------------------------------------------------------
+
+
+class _DelayLine:
+    """Recent samples and their running sum in a mirrored ring buffer.
+
+    ``features(back)`` returns, for the sample ``back`` steps ago, the increments
+    ``x[n-back] - mean(block j)`` for ``n_taps`` consecutive blocks of ``tap_s`` seconds
+    going back from that sample (block 0 contains the sample itself). Block edges are whole
+    samples, so at 5 Hz a 0.2 s block is one sample and at 30 Hz six. The ring is mirrored
+    (each value stored twice) so every look-back is one contiguous index range.
+
+    Values are stored minus the first sample after a reset, so a large constant offset (an
+    IR marker at -490 mm in camera coordinates) costs no precision in the running sum.
+    """
+
+    def __init__(self, rate_hz: float, tap_s: float, n_taps: int, max_back: int):
+        step = max(tap_s * rate_hz, 1.0)  # a block is at least one sample
+        edges = [0]
+        for j in range(1, n_taps + 1):
+            edges.append(max(edges[-1] + 1, math.floor(j * step + 0.5)))
+        self.edges = np.asarray(edges, dtype=np.intp)
+        self.inv_len = 1.0 / np.diff(self.edges).astype(np.float64)
+        self.n_taps = n_taps
+        self.max_back = max_back
+        self.size = int(self.edges[-1]) + max_back + 2
+        self._x = np.zeros(2 * self.size)
+        self._cs = np.zeros(2 * self.size)
+        # work buffers: one index array, gathered sums, block means, increments
+        self._idx = np.empty(n_taps + 1, dtype=np.intp)
+        self._sums = np.empty(n_taps + 1)
+        self._means = np.empty(n_taps)
+        self.reset()
+
+    def reset(self) -> None:
+        self._x.fill(0.0)
+        self._cs.fill(0.0)
+        self.pos = 0
+        self.count = 0
+        self.origin = 0.0
+        self._running = 0.0
+
+    @property
+    def full(self) -> bool:
+        """Enough history for ``features(back)`` with any ``back <= max_back``."""
+        return self.count >= self.size
+
+    def push(self, value: float) -> None:
+        if self.count == 0:
+            self.origin = value
+        v = value - self.origin
+        self._running += v
+        pos = self.pos + 1
+        if pos == self.size:
+            pos = 0
+        self.pos = pos
+        self._x[pos] = v
+        self._x[pos + self.size] = v
+        self._cs[pos] = self._running
+        self._cs[pos + self.size] = self._running
+        self.count += 1
+
+    def value(self, back: int = 0) -> float:
+        """The (origin-removed) sample ``back`` steps ago."""
+        return float(self._x[self.pos + self.size - back])
+
+    def features(self, back: int, out: np.ndarray) -> float:
+        """Fill ``out[:n_taps]`` with the block increments at ``back``; return that sample."""
+        p = self.pos + self.size - back
+        np.subtract(p, self.edges, out=self._idx)
+        np.take(self._cs, self._idx, out=self._sums)
+        np.subtract(self._sums[:-1], self._sums[1:], out=self._means)
+        self._means *= self.inv_len
+        anchor = float(self._x[p])
+        np.subtract(anchor, self._means, out=out[: self.n_taps])
+        return anchor
+
+
+# -- learners on block-increment features ------------------------------------------------------
+# A learner sees features z (block increments and a trailing bias 1) and learns the target
+# y = x[n+H] - x[n]. Learners combined in the ensemble share one delay line, so the
+# features are computed once per sample. ``ok`` turns False if the state became non-finite.
+
+
+class _RidgeLearner:
+    """Ridge regression with exponential forgetting on the features (increments + bias).
+
+    Sufficient statistics ``R = sum lam^k z z^T`` and ``r = sum lam^k z y`` are updated per
+    tick (O(p^2)) and the weights re-solved every ``refit_ticks`` ticks (O(p^3), amortised).
+    The ridge term is ``alpha * trace(R) / p``, invariant to the signal's amplitude; it
+    shrinks the model toward "no change" (the ``none`` predictor).
+    """
+
+    def __init__(self, p: int, lam: float, alpha: float, refit_ticks: int):
+        self.p = p
+        self.lam = lam
+        self.alpha = alpha
+        self.refit_ticks = max(1, refit_ticks)
+        self.R = np.zeros((p, p))
+        self.r = np.zeros(p)
+        self.w = np.zeros(p)
+        self._A = np.zeros((p, p))
+        self._diag = self._A.reshape(-1)[:: p + 1]  # a view: the diagonal of _A
+        self._outer = np.zeros((p, p))
+        self._zy = np.zeros(p)
+        self.reset()
+
+    def reset(self) -> None:
+        self.R.fill(0.0)
+        self.r.fill(0.0)
+        self.w.fill(0.0)
+        self.ticks = 0
+        self.n_eff = 0.0
+        self.ok = True
+
+    def learn(self, z: np.ndarray, y: float) -> None:
+        self.n_eff = self.lam * self.n_eff + 1.0
+        self.R *= self.lam
+        np.multiply.outer(z, z, out=self._outer)
+        self.R += self._outer
+        self.r *= self.lam
+        np.multiply(z, y, out=self._zy)
+        self.r += self._zy
+        self.ticks += 1
+        if self.ticks % self.refit_ticks == 0:
+            np.copyto(self._A, self.R)
+            shrink = self.alpha + _RIDGE_PRIOR_SAMPLES / self.n_eff
+            self._diag += shrink * float(np.trace(self.R)) / self.p + 1e-12
+            try:
+                w = np.linalg.solve(self._A, self.r)
+            except np.linalg.LinAlgError:
+                self.ok = False
+                return
+            if np.isfinite(w).all():
+                self.w[:] = w
+            else:
+                self.ok = False
+
+    def predict(self, z: np.ndarray) -> float:
+        return float(np.dot(z, self.w))
+
+
+class _NLMSLearner:
+    """Normalised LMS: ``w += mu * e * z / (eps + |z|^2)`` per tick; predicts ``w . z``.
+
+    Starts at w = 0, i.e. at the ``none`` predictor. ``eps`` is a small fraction of the
+    running feature power, so the step does not depend on the signal's amplitude.
+    """
+
+    def __init__(self, p: int, mu: float, power_lam: float):
+        self.mu = mu
+        self.power_lam = power_lam
+        self.w = np.zeros(p)
+        self._step = np.zeros(p)
+        self.reset()
+
+    def reset(self) -> None:
+        self.w.fill(0.0)
+        self.power = 0.0
+        self.ok = True
+
+    def learn(self, z: np.ndarray, y: float) -> None:
+        zz = float(np.dot(z, z))
+        self.power = self.power_lam * self.power + (1.0 - self.power_lam) * zz
+        e = y - float(np.dot(z, self.w))
+        np.multiply(z, self.mu * e / (zz + 1e-3 * self.power + 1e-12), out=self._step)
+        self.w += self._step
+        if not math.isfinite(e):
+            self.ok = False
+
+    def predict(self, z: np.ndarray) -> float:
+        return float(np.dot(z, self.w))
+
+
+class _AnalogueLearner:
+    """Nearest neighbours in a weighted delay embedding (the method of analogues).
+
+    The library holds, for each of the last ``memory`` ticks, the embedding of that moment,
+    ``e = sw * z[:n]`` (increments weighted by ``sqrt(exp(-lag / decay))`` so that the last
+    few tenths of a second dominate the match), and what followed, ``x[m+H] - x[m]``. A
+    query takes the ``k`` nearest embeddings and averages their futures with Gaussian
+    weights whose width is the k-th squared distance (smooth and scale-free).
+
+    Squared distances are ``|l|^2 - 2 l.e + |e|^2``: the rows are stored as ``-2 l`` and
+    their norms separately (``inf`` for empty slots, which are then never chosen), so a
+    query is one matrix-vector product, one addition and one partial sort.
+    """
+
+    def __init__(self, n: int, weights: np.ndarray, memory: int, k: int):
+        self.n = n
+        self.k = k
+        self.sw = weights
+        self.memory = memory
+        self.lib = np.zeros((memory, n))  # -2 * embedding
+        self.norm2 = np.full(memory, np.inf)
+        self.fut = np.zeros(memory)
+        self._e = np.zeros(n)
+        self._d = np.zeros(memory)
+        self.reset()
+
+    def reset(self) -> None:
+        self.lib.fill(0.0)
+        self.norm2.fill(np.inf)
+        self.fut.fill(0.0)
+        self.count = 0
+        self.slot = 0
+        self.ok = True
+
+    @property
+    def ready(self) -> bool:
+        return self.count >= 2 * self.k
+
+    def learn(self, z: np.ndarray, y: float) -> None:
+        e = self._e
+        np.multiply(z[: self.n], self.sw, out=e)
+        slot = self.slot
+        np.multiply(e, -2.0, out=self.lib[slot])
+        self.norm2[slot] = float(np.dot(e, e))
+        self.fut[slot] = y
+        self.slot = slot + 1 if slot + 1 < self.memory else 0
+        if self.count < self.memory:
+            self.count += 1
+
+    def predict(self, z: np.ndarray) -> float:
+        e = self._e
+        np.multiply(z[: self.n], self.sw, out=e)
+        d = self._d
+        np.dot(self.lib, e, out=d)
+        d += self.norm2  # = |l|^2 - 2 l.e, i.e. the squared distance minus |e|^2
+        idx = np.argpartition(d, self.k - 1)[: self.k]
+        dk = d[idx]
+        e2 = float(np.dot(e, e))
+        # argpartition puts the k-th smallest last: the kernel width is dk[-1] + |e|^2
+        width = max(float(dk[-1]) + e2, 0.0) + 1e-12
+        dk += e2
+        np.maximum(dk, 0.0, out=dk)  # rounding can leave -1e-16
+        dk *= -1.0 / width
+        np.exp(dk, out=dk)
+        return float(np.dot(dk, self.fut[idx])) / float(dk.sum())
+
+
+# -- predictors --------------------------------------------------------------------------------
+
+
+class NoPredictor:
+    """``none``: the prediction is the current value."""
+
+    name = "none"
+
+    def __init__(self, rate_hz: float, horizon_s: float):
+        _check_rate_horizon(rate_hz, horizon_s)
+        self.rate_hz = float(rate_hz)
+        self.horizon_s = float(horizon_s)
+        self.horizon_samples = horizon_samples(rate_hz, horizon_s)
+        self._diverged = False
+
+    def step(self, value: float) -> float:
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"non-finite sample {value!r}: reset the predictor across it")
+        if abs(v) > _MAX_ABS_INPUT_MM:
+            self._diverged = True
+        return v
+
+    def reset(self) -> None:
+        self._diverged = False
+
+    @property
+    def diverged(self) -> bool:
+        return self._diverged
+
+
+class _FeaturePredictor:
+    """The per-sample machinery shared by the learning predictors.
+
+    Per sample: push the value into the delay line; on a tick (every ``tick_s``), compute
+    the features of the sample H steps ago and teach every learner the increment that
+    followed it; score the prediction made H samples ago (divergence monitor, and the
+    ensemble's weights); compute the features now and return ``x[n] + increment``.
+    Subclasses build their learners in ``_build`` and map learner outputs to one increment
+    in ``_combine``.
+    """
+
+    name = "?"
+
+    def __init__(
+        self, rate_hz: float, horizon_s: float, span_s: float, tap_s: float, tick_s: float
+    ):
+        _check_rate_horizon(rate_hz, horizon_s)
+        if not (tap_s > 0 and span_s >= tap_s and tick_s > 0):
+            raise ValueError(
+                f"need tap_s > 0, span_s >= tap_s and tick_s > 0 "
+                f"(got tap_s={tap_s}, span_s={span_s}, tick_s={tick_s})"
+            )
+        self.rate_hz = float(rate_hz)
+        self.horizon_s = float(horizon_s)
+        self.H = horizon_samples(rate_hz, horizon_s)
+        self.horizon_samples = self.H
+        self.tap_s = float(tap_s)
+        self.n_taps = max(1, round(span_s / tap_s))
+        self.dl = _DelayLine(rate_hz, tap_s, self.n_taps, self.H)
+        self.tick = max(1, round(tick_s * rate_hz))  # samples per learning tick
+        self.tick_interval_s = self.tick / self.rate_hz
+        self._z = np.zeros(self.n_taps + 1)  # features now (last entry: bias 1)
+        self._zl = np.zeros(self.n_taps + 1)  # features of the sample H ago
+        self._div_lam = _half_life_factor(_DIVERGED_HALF_LIFE_S, 1.0 / self.rate_hz)
+        self._div_after = round(2.0 * _DIVERGED_HALF_LIFE_S * self.rate_hz)
+        self._learners = self._build()
+        self._past = [math.nan] * max(self.H, 1)
+        self.reset()
+
+    def _build(self) -> tuple:
+        raise NotImplementedError
+
+    def _combine(self, z: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def _score(self, realised: float) -> None:
+        """Hook: the realised increment of the prediction made H samples ago."""
+
+    def reset(self) -> None:
+        self.dl.reset()
+        for learner in self._learners:
+            learner.reset()
+        self._z.fill(0.0)
+        self._zl.fill(0.0)
+        self._z[-1] = self._zl[-1] = 1.0
+        self._since_tick = 0
+        self._bad = False
+        self._err2 = 0.0
+        self._none2 = 0.0
+        self._scored = 0
+        self._past = [math.nan] * len(self._past)
+        self._slot = 0
+
+    @property
+    def diverged(self) -> bool:
+        return self._bad
+
+    def step(self, value: float) -> float:
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"non-finite sample {value!r}: reset the predictor across it")
+        if self._bad:
+            return v  # latched until reset(): the caller holds the beam and resets
+        if abs(v) > _MAX_ABS_INPUT_MM:
+            self._bad = True
+            return v
+        dl = self.dl
+        dl.push(v)
+        H = self.H
+        if H == 0 or not dl.full:
+            return v
+        x_now = v - dl.origin
+        # learn what followed the sample H ago, now that its target x[n] is known
+        self._since_tick += 1
+        if self._since_tick >= self.tick:
+            self._since_tick = 0
+            y = x_now - dl.features(H, self._zl)
+            for learner in self._learners:
+                learner.learn(self._zl, y)
+                if not learner.ok:
+                    self._bad = True
+                    return v
+        # score the prediction made H samples ago
+        slot = self._slot
+        old = self._past[slot]
+        if old == old:  # not NaN: there was a prediction H samples ago
+            realised = x_now - dl.value(H)
+            self._score(realised)
+            lam = self._div_lam
+            self._err2 = lam * self._err2 + (1.0 - lam) * (old - realised) ** 2
+            self._none2 = lam * self._none2 + (1.0 - lam) * realised * realised
+            self._scored += 1
+            if (
+                self._scored > self._div_after
+                and self._err2 > _DIVERGED_ERROR_RATIO**2 * self._none2 + _DIVERGED_SLACK_MM**2
+            ):
+                self._bad = True
+                return v
+        dl.features(0, self._z)
+        inc = self._combine(self._z)
+        if not math.isfinite(inc):
+            self._bad = True
+            return v
+        self._past[slot] = inc
+        self._slot = slot + 1 if slot + 1 < len(self._past) else 0
+        return v + inc
+
+
+class NLMSPredictor(_FeaturePredictor):
+    """``nlms``: normalised LMS on a 1 s block-increment delay vector, step size 0.02."""
+
+    name = "nlms"
+
+    def __init__(
+        self,
+        rate_hz: float,
+        horizon_s: float,
+        span_s: float = 1.0,
+        mu: float = 0.02,
+        tap_s: float = 0.2,
+        tick_s: float = 0.1,
+    ):
+        self._mu = mu
+        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s)
+
+    def _build(self) -> tuple:
+        power_lam = _half_life_factor(10.0, self.tick_interval_s)
+        self._nlms = _NLMSLearner(self.n_taps + 1, self._mu, power_lam)
+        return (self._nlms,)
+
+    def _combine(self, z: np.ndarray) -> float:
+        return self._nlms.predict(z)
+
+
+class RidgePredictor(_FeaturePredictor):
+    """``ridge``: forgetting ridge regression on a 4 s block-increment delay vector."""
+
+    name = "ridge"
+
+    def __init__(
+        self,
+        rate_hz: float,
+        horizon_s: float,
+        span_s: float = 4.0,
+        half_life_s: float = 60.0,
+        alpha: float = 1e-3,
+        refit_s: float = 0.2,
+        tap_s: float = 0.2,
+        tick_s: float = 0.1,
+    ):
+        self._ridge_args = (half_life_s, alpha, refit_s)
+        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s)
+
+    def _build(self) -> tuple:
+        self._ridge = _make_ridge(self, self.n_taps, *self._ridge_args)
+        return (self._ridge,)
+
+    def _combine(self, z: np.ndarray) -> float:
+        return self._ridge.predict(z)
+
+
+def _make_ridge(
+    owner: _FeaturePredictor, n_taps: int, half_life_s: float, alpha: float, refit_s: float
+) -> _RidgeLearner:
+    # the ridge always sees all of the owner's taps plus the bias
+    lam = _half_life_factor(half_life_s, owner.tick_interval_s)
+    return _RidgeLearner(n_taps + 1, lam, alpha, round(refit_s / owner.tick_interval_s))
+
+
+def _make_analogue(
+    owner: _FeaturePredictor, span_s: float, decay_s: float, memory_s: float, k: int
+) -> _AnalogueLearner:
+    n = min(owner.n_taps, max(1, round(span_s / owner.tap_s)))
+    lags = (np.arange(n) + 0.5) * owner.tap_s  # block j is centred (j + 0.5) taps back
+    weights = np.sqrt(np.exp(-lags / decay_s))
+    memory = max(4 * k, round(memory_s / owner.tick_interval_s))
+    return _AnalogueLearner(n, weights, memory, k)
+
+
+class AnaloguePredictor(_FeaturePredictor):
+    """``analogue``: k nearest 2 s embeddings of the last ``memory_s``; mean of what followed."""
+
+    name = "analogue"
+
+    def __init__(
+        self,
+        rate_hz: float,
+        horizon_s: float,
+        span_s: float = 2.0,
+        decay_s: float = 0.3,
+        memory_s: float = 120.0,
+        k: int = 16,
+        tap_s: float = 0.2,
+        tick_s: float = 0.1,
+    ):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self._analogue_args = (span_s, decay_s, memory_s, k)
+        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s)
+
+    def _build(self) -> tuple:
+        self._analogue = _make_analogue(self, *self._analogue_args)
+        return (self._analogue,)
+
+    def _combine(self, z: np.ndarray) -> float:
+        if not self._analogue.ready:
+            return 0.0
+        return self._analogue.predict(z)
+
+
+class EnsemblePredictor(_FeaturePredictor):
+    """``ensemble``: analogue + ridge, weighted by the inverse of their recent squared error.
+
+    Both learners read one 4 s delay line (the analogue uses its most recent 2 s). Each
+    component's predicted increment is kept for H samples and scored against the realised
+    increment; the mean squared errors decay with ``error_half_life_s``.
+    """
+
+    name = "ensemble"
+
+    def __init__(
+        self,
+        rate_hz: float,
+        horizon_s: float,
+        ridge_span_s: float = 4.0,
+        analogue_span_s: float = 2.0,
+        half_life_s: float = 60.0,
+        alpha: float = 1e-3,
+        refit_s: float = 0.2,
+        decay_s: float = 0.3,
+        memory_s: float = 120.0,
+        k: int = 16,
+        error_half_life_s: float = 10.0,
+        tap_s: float = 0.2,
+        tick_s: float = 0.1,
+    ):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self._ridge_args = (half_life_s, alpha, refit_s)
+        self._analogue_args = (analogue_span_s, decay_s, memory_s, k)
+        self._w_lam = _half_life_factor(error_half_life_s, 1.0 / rate_hz) if rate_hz > 0 else 0
+        span_s = max(ridge_span_s, analogue_span_s)
+        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s)
+
+    def _build(self) -> tuple:
+        self._ridge = _make_ridge(self, self.n_taps, *self._ridge_args)
+        self._analogue = _make_analogue(self, *self._analogue_args)
+        return (self._ridge, self._analogue)
+
+    def reset(self) -> None:
+        super().reset()
+        h = len(self._past)
+        self._past_ridge = [math.nan] * h  # component predictions, scored H samples later
+        self._past_analogue = [math.nan] * h
+        self._mse_ridge = 0.0
+        self._mse_analogue = 0.0
+        self._n_mse = 0
+
+    def _score(self, realised: float) -> None:
+        slot = self._slot  # the slot of the prediction made H samples ago
+        a = self._past_ridge[slot]
+        b = self._past_analogue[slot]
+        if a == a and b == b:
+            lam = self._w_lam
+            self._mse_ridge = lam * self._mse_ridge + (1.0 - lam) * (a - realised) ** 2
+            self._mse_analogue = lam * self._mse_analogue + (1.0 - lam) * (b - realised) ** 2
+            self._n_mse += 1
+
+    def _combine(self, z: np.ndarray) -> float:
+        p_ridge = self._ridge.predict(z)
+        p_analogue = self._analogue.predict(z) if self._analogue.ready else p_ridge
+        slot = self._slot
+        self._past_ridge[slot] = p_ridge
+        self._past_analogue[slot] = p_analogue
+        if self._n_mse == 0:
+            return 0.5 * (p_ridge + p_analogue)
+        # inverse-MSE weights; the floor keeps them defined on a perfectly predicted signal
+        e_r = self._mse_ridge + 1e-12
+        e_a = self._mse_analogue + 1e-12
+        return (p_ridge * e_a + p_analogue * e_r) / (e_r + e_a)
+
+
+PREDICTORS: dict[str, Callable[..., Predictor]] = {
+    "none": NoPredictor,
+    "nlms": NLMSPredictor,
+    "ridge": RidgePredictor,
+    "analogue": AnaloguePredictor,
+    "ensemble": EnsemblePredictor,
+}
+
+DEFAULT_PREDICTOR = "ensemble"
+
+
+def make_predictor(name: str, rate_hz: float, horizon_s: float, **params: Any) -> Predictor:
+    """A predictor by name (``"default"`` = ``DEFAULT_PREDICTOR``); ``params`` go to its
+    constructor. Raises ValueError for an unknown name, listing the valid ones."""
+    key = DEFAULT_PREDICTOR if name == "default" else name
+    if key not in PREDICTORS:
+        raise ValueError(
+            f"unknown predictor {name!r}; valid: {', '.join(PREDICTORS)} "
+            f"(or 'default' = {DEFAULT_PREDICTOR})"
+        )
+    return PREDICTORS[key](rate_hz, horizon_s, **params)
+
+
+def evaluate_predictor(
+    t_s: np.ndarray,
+    x: np.ndarray,
+    horizon_s: float,
+    name: str,
+    warmup_s: float = 30.0,
+) -> dict:
+    """Causal evaluation of one predictor on one uniformly sampled trace.
+
+    ``rate = 1 / median(dt)``; ``step()`` runs over every sample in order and the prediction
+    made at n is compared with ``x[n + H]``. A NaN sample resets the predictor; a pair is
+    scored only if no sample from n to n + H is NaN and ``t[n] >= t[0] + warmup_s``.
+
+    Returns: ``rmse_mm``; ``relative_rmse`` = RMSE / RMSE of no prediction (``x[n]`` for
+    ``x[n+H]``) over the same pairs; ``p95_mm`` (95th percentile of |error|); ``jitter_mm``
+    (mean |y[n+1] - y[n]| of consecutive predictions in the scored range, Ernst 2013);
+    ``mean_us_per_sample`` and ``p99_us_per_sample`` (wall time of ``step()``); plus
+    ``rate_hz``, ``horizon_samples``, ``n_scored``, ``n_resets`` and ``n_diverged`` (samples
+    at which the predictor reported ``diverged``; it is then reset, as the estimator does).
+    """
+    t_s = np.asarray(t_s, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    if t_s.ndim != 1 or t_s.shape != x.shape or t_s.size < 3:
+        raise ValueError("t_s and x must be 1-D arrays of the same length (>= 3)")
+    dt = np.diff(t_s)
+    if not np.all(dt > 0):
+        raise ValueError("t_s must be strictly increasing")
+    rate = 1.0 / float(np.median(dt))
+    predictor = make_predictor(name, rate, horizon_s)
+    H = horizon_samples(rate, horizon_s)
+    n = x.size
+    pred = np.full(n, np.nan)
+    cost_ns = np.zeros(n)
+    finite = np.isfinite(x)
+    resets = diverged = 0
+    was_valid = True
+    clock = time.perf_counter_ns
+    for i in range(n):
+        if not finite[i]:
+            if was_valid:
+                predictor.reset()
+                resets += 1
+            was_valid = False
+            continue
+        was_valid = True
+        value = float(x[i])
+        t0 = clock()
+        p = predictor.step(value)
+        cost_ns[i] = clock() - t0
+        if predictor.diverged:
+            diverged += 1
+            predictor.reset()
+            p = value
+        pred[i] = p
+
+    # pair n -> n + H valid if no NaN in x[n..n+H]: count NaNs in each window by cumsum
+    bad = np.concatenate(([0], np.cumsum(~finite)))
+    idx = np.arange(n - H)
+    clean = (bad[idx + H + 1] - bad[idx]) == 0
+    scored = clean & (t_s[idx] >= t_s[0] + warmup_s) & np.isfinite(pred[idx])
+    i_s = idx[scored]
+    if i_s.size == 0:
+        raise ValueError(
+            f"no scored samples: trace of {t_s[-1] - t_s[0]:.1f} s with warm-up {warmup_s} s"
+        )
+    err = pred[i_s] - x[i_s + H]
+    err_none = x[i_s] - x[i_s + H]
+    rmse = float(np.sqrt(np.mean(err**2)))
+    rmse_none = float(np.sqrt(np.mean(err_none**2)))
+    # jitter over consecutive predictions that are both in the scored range
+    consecutive = scored[:-1] & scored[1:] if scored.size > 1 else np.zeros(0, bool)
+    j_idx = idx[:-1][consecutive]
+    jitter = float(np.mean(np.abs(pred[j_idx + 1] - pred[j_idx]))) if j_idx.size else math.nan
+    stepped = cost_ns[finite] / 1e3
+    return {
+        "rmse_mm": rmse,
+        "relative_rmse": rmse / rmse_none if rmse_none > 0 else math.nan,
+        "p95_mm": float(np.percentile(np.abs(err), 95)),
+        "jitter_mm": jitter,
+        "mean_us_per_sample": float(np.mean(stepped)),
+        "p99_us_per_sample": float(np.percentile(stepped, 99)),
+        "rate_hz": rate,
+        "horizon_samples": H,
+        "n_scored": int(i_s.size),
+        "n_resets": resets,
+        "n_diverged": diverged,
+    }

@@ -1,0 +1,54 @@
+"""From the validated config dictionary to the typed settings of the core's components.
+
+The config loader checks types and ranges key by key; the component constructors check
+what only makes sense together (e.g. correlation model parameters). This module is the one
+place that knows which config key feeds which setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from motionctl.correlation import CorrelationParams
+from motionctl.estimator import EstimatorSettings
+from motionctl.gating import GateSettings
+
+
+def estimator_settings(cfg: dict[str, Any]) -> EstimatorSettings:
+    tr = cfg["tracking"]
+    return EstimatorSettings(
+        surrogate_axis=tr["surrogate_axis"],
+        inhale_positive=tr["surrogate_inhale_positive"],
+        rate_hz=tr["surrogate_rate_hz"],
+        smoothing_s=tr["smoothing_s"],
+        horizon_s=tr["horizon_s"],
+        predictor=tr["predictor"],
+        prior_gain=tuple(tr["gain"]),
+        prior_offset_mm=tuple(tr["offset_mm"]),
+        use_prior=tr["use_prior"],
+        prior_uncertainty_mm=tr["prior_uncertainty_mm"],
+        fiducial_tolerance_mm=tr["fiducial_tolerance_mm"],
+    )
+
+
+def correlation_params(cfg: dict[str, Any]) -> CorrelationParams:
+    return CorrelationParams.from_mapping(cfg["correlation"])
+
+
+def gate_settings(cfg: dict[str, Any]) -> GateSettings:
+    g = cfg["gating"]
+    return GateSettings(
+        mode=g["mode"],
+        source=g["source"],
+        axis=g["axis"],
+        center_mm=g["center_mm"],
+        window_mm=g["window_mm"],
+        phase_window=tuple(g["phase_window"]),
+        breath_hold_signal=g["breath_hold_signal"],
+        breath_hold_tolerance_l=g["breath_hold_tolerance_l"],
+        breath_hold_tolerance_mm=g["breath_hold_tolerance_mm"],
+        min_stable_s=g["min_stable_s"],
+        debounce_samples=g["debounce_samples"],
+        dwell_mm=g["dwell_mm"],
+        dwell_s=g["dwell_s"],
+    )

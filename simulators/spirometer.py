@@ -1,0 +1,547 @@
+"""Simulated breath-hold spirometer (Active Breathing Coordinator style) on a pty.
+
+It speaks the spirometer wire protocol (documented in ``motionctl.drivers.spirometer``) from
+the device's side, with its own copy of the framing and checksum so that it checks the
+driver rather than sharing its mistakes:
+
+* streams ``SPV`` readings at ``rate_hz`` (default 30 Hz). The volume is the patient model's
+  ``lung_volume_l`` (litres -> ml) plus the device's zero offset, an optional linear drift
+  (``drift_ml_per_min``, the slow creep of an integrating flow sensor that ``ZERO``
+  removes) and white noise (``noise_ml`` standard deviation). The flow is the difference
+  of the noise-free volume between consecutive readings over their time step;
+* closes the valve when the patient model enters the held part of a breath hold
+  (``STS,...,CLOSED,patient``; at most once per hold) or on ``VALVE,C``. While it is
+  closed the reading holds the volume at closure, drifting at ``leak_ml_s``;
+* opens the valve on ``VALVE,O``, at the end of the patient's hold, or as soon as the
+  patient's breathing effort (the model's lung volume) departs from the held volume by more
+  than ``release_ml``: the patient lets go. That is the early release a cough during a hold
+  causes, and also what a patient breathing freely does to a valve the host closed on them;
+* shows the model's coughs (a sharp dip: a forced expiration), deep breaths and pauses in
+  the volume and flow as the model makes them; during a closed valve they appear only
+  through the release they cause;
+* answers ``VALVE``, ``LEVEL`` and ``ZERO`` with ``ACK``/``NAK`` and reports every change in
+  an ``STS`` line before the next reading;
+* records every reading it wrote in ``sent`` (``SentReading``: seq, monotonic send time,
+  patient time, the wire values) so tests can count both sides;
+* fault hooks: ``inject(data)`` puts raw bytes on the line between two lines of its own
+  (malformed lines, device errors), ``set_streaming(False)`` stops the readings (the
+  device keeps working and answering).
+
+What it does NOT model:
+
+* a patient who lets go early without a cause in the signal: the patient model's holds last
+  exactly ``breath_hold_s``; early releases here come only from the effort rule above
+  (coughs in a hold). ``simulators/patient.py`` has no early-release event;
+* the patient's reaction to the valve: the model does not know the valve is closed and goes
+  on breathing (the target keeps moving) while the reading is held; when the valve opens,
+  the reading rejoins the model with a step of at most about ``release_ml``;
+* the hand switch and the trigger threshold: the valve closes where the model holds (its own
+  end-inhale), not at the feedback level, which is only displayed and echoed back;
+* the model's lung volume leads its ``breath_hold`` flag by ``surrogate_lead_s`` (the model
+  derives the volume from the surface marker), so the volume plateau starts that much
+  before the valve closes, and the last held readings differ from the model's exhale;
+* flow-sensor physics: no turbine inertia, flow noise, BTPS correction or leak around the
+  mouthpiece; readings outside the wire's ranges are sent as they are (the driver rejects
+  them);
+* the serial line: a pty delivers bytes at once, whatever the baud rate, with no noise; a
+  full pty buffer (no host reading) drops what does not fit, counted per line in
+  ``stats()["dropped"]`` (a line cut short there reaches the host as one malformed line);
+* device faults (``STS,...,ERROR``) other than by ``inject()``, a maximum hold time, more
+  than one host, and drift between the device's millisecond clock and the host's (both
+  come from the injected clock; ``t_ms`` counts from ``start()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import select
+import threading
+import time
+import tty
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_LINE_BYTES = 80
+SEQ_MODULO = 65536
+T_MS_MODULO = 2**32
+LEVEL_ML_RANGE = (0, 8000)
+COMMAND_FIELDS = {"VALVE": 3, "LEVEL": 3, "ZERO": 2}
+READ_CHUNK_BYTES = 4096
+JOIN_TIMEOUT_S = 2.0
+
+_HEX_UPPER = frozenset(b"0123456789ABCDEF")
+_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,9})")
+
+
+def _checksum(body: bytes) -> int:
+    # Deliberately a copy of the driver's: a device has its own firmware.
+    value = 0
+    for byte in body:
+        value ^= byte
+    return value
+
+
+def _frame(body: str) -> bytes:
+    raw = body.encode("ascii")
+    return b"$%s*%02X\n" % (raw, _checksum(raw))
+
+
+class _Rejected(Exception):
+    """A host line the device NAKs; ``reason`` is the NAK's reason token."""
+
+    def __init__(self, reason: str, seq: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.seq = seq
+
+
+def _parse_command(line: bytes) -> tuple[str, int, str | None]:
+    """(command, seq, argument) of a host line, or raise _Rejected with the NAK reason."""
+    if len(line) > MAX_LINE_BYTES:
+        raise _Rejected("too_long")
+    if any(byte > 0x7F for byte in line):
+        raise _Rejected("non_ascii")
+    text = line[:-1] if line.endswith(b"\n") else line
+    star = text.rfind(b"*")
+    if not text.startswith(b"$") or star < 0:
+        raise _Rejected("syntax")
+    body, cs_field = text[1:star], text[star + 1 :]
+    if len(cs_field) != 2 or not all(byte in _HEX_UPPER for byte in cs_field):
+        raise _Rejected("syntax")
+    if any(byte < 0x20 or byte == 0x7F or byte in b"$*" for byte in body):
+        raise _Rejected("syntax")
+    if int(cs_field, 16) != _checksum(body):
+        raise _Rejected("checksum")
+    fields = body.decode("ascii").split(",")
+    seq = None
+    if len(fields) >= 2 and fields[1].isdigit() and len(fields[1]) <= 5:
+        seq = int(fields[1]) if int(fields[1]) < SEQ_MODULO else None
+    command = fields[0]
+    if command not in COMMAND_FIELDS:
+        raise _Rejected("unknown_command", seq)
+    if len(fields) != COMMAND_FIELDS[command] or seq is None:
+        raise _Rejected("syntax", seq)
+    if command == "VALVE" and fields[2] not in ("C", "O"):
+        raise _Rejected("syntax", seq)
+    if command == "LEVEL":
+        if not _INTEGER.fullmatch(fields[2]):
+            raise _Rejected("syntax", seq)
+        if not LEVEL_ML_RANGE[0] <= int(fields[2]) <= LEVEL_ML_RANGE[1]:
+            raise _Rejected("range", seq)
+    return command, seq, fields[2] if len(fields) == 3 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One reading in wire units, as the device would send it."""
+
+    volume_ml: int
+    flow_ml_s: int
+    valve_closed: bool
+    level_ml: int
+
+
+@dataclass(frozen=True, slots=True)
+class SentReading:
+    """One SPV line as written to the pty."""
+
+    seq: int
+    t_sent: float  # the simulator's clock (monotonic by default) just before the write
+    patient_t: float  # patient-model time of the reading
+    volume_ml: int
+    flow_ml_s: int
+    valve_closed: bool
+    level_ml: int
+
+
+class BreathHoldModel:
+    """The device's measurement and valve logic: no I/O, no threads, no clock.
+
+    Call ``step(t)`` with increasing patient times for one reading each; the command methods
+    take the patient time at which the command arrived. Each returns the status changes it
+    caused as ``(event, arg)`` pairs in STS wire tokens. Not thread-safe: one owner.
+    """
+
+    def __init__(
+        self,
+        patient,
+        *,
+        noise_ml: float = 3.0,
+        leak_ml_s: float = -3.0,
+        release_ml: float = 150.0,
+        drift_ml_per_min: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (
+            ("noise_ml", noise_ml),
+            ("leak_ml_s", leak_ml_s),
+            ("release_ml", release_ml),
+            ("drift_ml_per_min", drift_ml_per_min),
+        ):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+        if noise_ml < 0 or release_ml <= 0:
+            raise ValueError("noise_ml must be >= 0 and release_ml > 0")
+        self._patient = patient
+        self._noise_ml = noise_ml
+        self._leak_ml_s = leak_ml_s
+        self._release_ml = release_ml
+        self._drift_ml_s = drift_ml_per_min / 60.0
+        self._rng = random.Random(seed)
+        self.valve_closed = False
+        self.level_ml = 0
+        self._offset_ml = 0.0
+        self._t_close = 0.0
+        self._v_close = 0.0
+        self._in_hold = False  # inside a breath hold of the patient model
+        self._previous: tuple[float, float] | None = None  # (t, noise-free reading)
+
+    def _effort_ml(self, t: float) -> tuple[float, bool]:
+        """The reading an open valve would give (noise-free), and the model's hold flag."""
+        state = self._patient.state(t)
+        volume = state.lung_volume_l * 1e3 + self._drift_ml_s * t + self._offset_ml
+        return volume, state.breath_hold
+
+    def _held_ml(self, t: float) -> float:
+        return self._v_close + self._leak_ml_s * (t - self._t_close)
+
+    def _close(self, t: float, volume_ml: float, cause: str, changes: list) -> None:
+        self.valve_closed = True
+        self._t_close, self._v_close = t, volume_ml
+        changes.append(("CLOSED", cause))
+
+    def _open(self, cause: str, changes: list) -> None:
+        self.valve_closed = False
+        changes.append(("OPENED", cause))
+
+    def step(self, t: float) -> tuple[Measurement, list[tuple[str, str]]]:
+        changes: list[tuple[str, str]] = []
+        effort, holding = self._effort_ml(t)
+        if holding and not self._in_hold:
+            self._in_hold = True
+            if not self.valve_closed:
+                self._close(t, effort, "patient", changes)
+        elif not holding and self._in_hold:
+            self._in_hold = False
+            if self.valve_closed:
+                self._open("patient", changes)  # the hold is over: the patient lets go
+        if self.valve_closed and abs(effort - self._held_ml(t)) > self._release_ml:
+            self._open("patient", changes)  # early release: the patient cannot hold on
+        volume = self._held_ml(t) if self.valve_closed else effort
+        flow = 0.0
+        if self._previous is not None and t > self._previous[0]:
+            flow = (volume - self._previous[1]) / (t - self._previous[0])
+        self._previous = (t, volume)
+        noise = self._rng.gauss(0.0, self._noise_ml) if self._noise_ml > 0 else 0.0
+        measurement = Measurement(
+            round(volume + noise), round(flow), self.valve_closed, self.level_ml
+        )
+        return measurement, changes
+
+    def valve(self, t: float, closed: bool) -> list[tuple[str, str]]:
+        changes: list[tuple[str, str]] = []
+        if closed and not self.valve_closed:
+            self._close(t, self._effort_ml(t)[0], "host", changes)
+        elif not closed and self.valve_closed:
+            self._open("host", changes)
+        return changes
+
+    def set_level(self, level_ml: int) -> list[tuple[str, str]]:
+        self.level_ml = level_ml
+        return [("LEVEL", str(level_ml))]
+
+    def zero(self, t: float) -> list[tuple[str, str]]:
+        """Make the current reading zero; raises _Rejected while the valve is closed."""
+        if self.valve_closed:
+            raise _Rejected("valve_closed")
+        reading = self._effort_ml(t)[0]
+        self._offset_ml -= reading
+        if self._previous is not None:
+            # A re-zero moves the reading, not the air: no flow spike at the next step.
+            self._previous = (self._previous[0], self._previous[1] - reading)
+        return [("ZEROED", str(round(reading)))]
+
+
+class SpirometerSim:
+    """Simulated breath-hold spirometer on a pty, driven by ``patient.state(t)``.
+
+    Patient time is ``clock() - t0``; ``t0`` defaults to the clock at ``start()`` (the rig
+    passes its shared patient clock). The clock must advance in real time: it paces the
+    readings.
+    """
+
+    def __init__(
+        self,
+        patient,
+        *,
+        rate_hz: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        t0: float | None = None,
+        name: str = "spirometer",
+        noise_ml: float = 3.0,
+        leak_ml_s: float = -3.0,
+        release_ml: float = 150.0,
+        drift_ml_per_min: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not (math.isfinite(rate_hz) and 0 < rate_hz <= 1000):
+            raise ValueError(f"rate_hz must be in (0, 1000], got {rate_hz!r}")
+        self.model = BreathHoldModel(
+            patient,
+            noise_ml=noise_ml,
+            leak_ml_s=leak_ml_s,
+            release_ml=release_ml,
+            drift_ml_per_min=drift_ml_per_min,
+            seed=seed,
+        )
+        self._period_s = 1.0 / rate_hz
+        self._clock = clock
+        self.t0 = t0
+        self._name = name
+        self._log = logging.getLogger(f"motionctl.sim.{name}")
+        # Guards the model, sent, stats, the injected bytes and the streaming switch; the box
+        # thread writes to the pty with it held (non-blocking writes), so a reading is in
+        # ``sent`` exactly when it is on the line.
+        self._cond = threading.Condition()
+        self.sent: list[SentReading] = []
+        self._seq = 0
+        self._streaming = True
+        self._injected: list[bytes] = []
+        self._stats = {"readings": 0, "status": 0, "commands": 0, "rejected": 0, "dropped": 0}
+        self._t_boot = 0.0
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
+        self._path: str | None = None
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self._error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Open the pty and start the device thread; returns the device path for the host."""
+        if self._started:
+            raise RuntimeError("a SpirometerSim starts once; make a new one")
+        master, slave = os.openpty()
+        fds = [master, slave]
+        try:
+            tty.setraw(slave)  # no echo, no line editing, no CR/LF translation
+            # Non-blocking, so that a host that stops reading cannot wedge the device thread.
+            os.set_blocking(master, False)
+            path = os.ttyname(slave)
+            wake_r, wake_w = os.pipe()
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        # The slave stays open for the device's lifetime: otherwise the master reads EIO
+        # whenever no host has the port open (between tests, across a driver reconnect).
+        self._master, self._slave = master, slave
+        self._wake_r, self._wake_w = wake_r, wake_w
+        self._path = path
+        self._started = True
+        self._t_boot = self._clock()
+        if self.t0 is None:
+            self.t0 = self._t_boot
+        self._thread = threading.Thread(
+            target=self._run, name=f"{self._name}-spirometer-sim", daemon=False
+        )
+        self._thread.start()
+        self._log.info("spirometer on %s at %.0f Hz", path, 1.0 / self._period_s)
+        return path
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            raise RuntimeError("not started")
+        return self._path
+
+    def stop(self) -> None:
+        """Stop the device thread and close the pty. Idempotent.
+
+        Raises RuntimeError if the device thread failed while running.
+        """
+        thread = self._thread
+        if thread is not None:
+            os.write(self._wake_w, b"x")
+            thread.join(JOIN_TIMEOUT_S)
+            if thread.is_alive():
+                raise RuntimeError(f"{self._name}: simulator thread did not stop")
+            self._thread = None
+        for attr in ("_master", "_slave", "_wake_r", "_wake_w"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+        error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError(f"{self._name}: simulator thread failed") from error
+
+    def __enter__(self) -> SpirometerSim:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- observation and fault hooks ---------------------------------------------------------
+
+    @property
+    def valve_closed(self) -> bool:
+        with self._cond:
+            return self.model.valve_closed
+
+    def stats(self) -> dict:
+        """readings (SPV written), status (STS written), commands (ACKed), rejected (NAKed),
+        dropped (lines the full pty buffer did not take)."""
+        with self._cond:
+            return dict(self._stats)
+
+    def set_streaming(self, enabled: bool) -> None:
+        """Fault hook: stop (or resume) sending readings; when it returns, none is in flight.
+
+        The device keeps measuring, moving its valve and answering commands.
+        """
+        with self._cond:
+            self._streaming = enabled
+        self._log.info("readings %s", "resumed" if enabled else "stopped")
+
+    def inject(self, data: bytes) -> None:
+        """Fault hook: write ``data`` as it is before the next reading (never inside a line)."""
+        with self._cond:
+            self._injected.append(bytes(data))
+
+    # -- device thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:
+            self._log.exception("simulator thread failed")
+            self._error = exc  # re-raised by stop(), so that a test cannot miss it
+
+    def _serve(self) -> None:
+        buffer = bytearray()
+        discarding = False  # inside an over-long line already NAKed
+        next_tick = self._clock()
+        while True:
+            timeout = max(0.0, next_tick - self._clock())
+            readable, _, _ = select.select([self._master, self._wake_r], [], [], timeout)
+            if self._wake_r in readable:
+                return
+            if self._master in readable:
+                try:
+                    data = os.read(self._master, READ_CHUNK_BYTES)
+                except BlockingIOError:
+                    data = b""  # select() said readable but the bytes are not there yet
+                buffer += data
+                while True:
+                    end = buffer.find(b"\n")
+                    if end < 0:
+                        if len(buffer) > MAX_LINE_BYTES:
+                            if not discarding:
+                                self._handle_line(bytes(buffer))
+                                discarding = True
+                            buffer.clear()
+                        break
+                    line = bytes(buffer[: end + 1])
+                    del buffer[: end + 1]
+                    if discarding:
+                        discarding = False
+                        continue
+                    self._handle_line(line)
+            now = self._clock()
+            if now >= next_tick:
+                self._tick(now)
+                next_tick += self._period_s
+                if next_tick < now:
+                    next_tick = now + self._period_s  # fell behind (loaded machine): skip
+
+    def _patient_t(self, now: float) -> float:
+        return max(0.0, now - self.t0)
+
+    def _t_ms(self, now: float) -> int:
+        return int((now - self._t_boot) * 1e3) % T_MS_MODULO
+
+    def _tick(self, now: float) -> None:
+        patient_t = self._patient_t(now)
+        t_ms = self._t_ms(now)
+        with self._cond:
+            for data in self._injected:
+                self._write_locked(data)
+            self._injected.clear()
+            measurement, changes = self.model.step(patient_t)
+            self._write_status_locked(t_ms, changes)
+            if not self._streaming:
+                return
+            seq, self._seq = self._seq, (self._seq + 1) % SEQ_MODULO
+            m = measurement
+            line = _frame(
+                f"SPV,{seq},{t_ms},{m.volume_ml},{m.flow_ml_s},"
+                f"{'C' if m.valve_closed else 'O'},{m.level_ml}"
+            )
+            t_sent = self._clock()  # before the write: the host may act before it returns
+            if self._write_locked(line):
+                self._stats["readings"] += 1
+                self.sent.append(
+                    SentReading(
+                        seq,
+                        t_sent,
+                        patient_t,
+                        m.volume_ml,
+                        m.flow_ml_s,
+                        m.valve_closed,
+                        m.level_ml,
+                    )
+                )
+
+    def _handle_line(self, line: bytes) -> None:
+        now = self._clock()
+        patient_t = self._patient_t(now)
+        with self._cond:
+            try:
+                command, seq, arg = _parse_command(line)
+                if command == "VALVE":
+                    changes = self.model.valve(patient_t, arg == "C")
+                elif command == "LEVEL":
+                    changes = self.model.set_level(int(arg))
+                else:
+                    try:
+                        changes = self.model.zero(patient_t)
+                    except _Rejected as rejected:
+                        rejected.seq = seq
+                        raise
+            except _Rejected as rejected:
+                self._stats["rejected"] += 1
+                seq_field = "-" if rejected.seq is None else str(rejected.seq)
+                self._log.warning("NAK %s: %r", rejected.reason, line[:MAX_LINE_BYTES])
+                self._write_locked(_frame(f"NAK,{seq_field},{rejected.reason}"))
+                return
+            self._stats["commands"] += 1
+            self._log.info("%s,%d%s", command, seq, "" if arg is None else f",{arg}")
+            self._write_locked(_frame(f"ACK,{seq},{command}"))
+            self._write_status_locked(self._t_ms(now), changes)
+
+    def _write_status_locked(self, t_ms: int, changes: list[tuple[str, str]]) -> None:
+        for event, arg in changes:
+            self._log.info("status %s,%s", event, arg)
+            if self._write_locked(_frame(f"STS,{t_ms},{event},{arg}")):
+                self._stats["status"] += 1
+
+    def _write_locked(self, data: bytes) -> bool:
+        try:
+            written = os.write(self._master, data)
+        except BlockingIOError:
+            written = 0
+        if written < len(data):
+            # The pty buffer is full: no host is reading. A real device's UART drops too.
+            self._stats["dropped"] += 1
+            self._log.debug("pty output full; dropped %r", data[written:])
+            return False
+        return True
