@@ -211,12 +211,14 @@ def _session(args: argparse.Namespace) -> int:
         rig.start()
         surface_address = rig.surface.address
         beam_url = rig.linac.path
+        spirometer_url = rig.spirometer.path
         enable_after = cfg["session"]["operator_enable_after_s"]
         operator = "simulated_operator"
     else:
         surface = cfg["devices"]["surface"]
         surface_address = (surface["host"], surface["port"])
         beam_url = cfg["devices"]["beam"]["url"]
+        spirometer_url = cfg["devices"]["spirometer"]["url"]
         if not beam_url:
             raise ConfigError(
                 "the config",
@@ -238,7 +240,8 @@ def _session(args: argparse.Namespace) -> int:
         )
         print(f"session log: {log_path}", file=sys.stderr, flush=True)
         controller = Controller(
-            cfg, surface_address=surface_address, beam_url=beam_url, session_log=writer
+            cfg, surface_address=surface_address, beam_url=beam_url, session_log=writer,
+            spirometer_url=spirometer_url,
         )
         controller.start()
         _supervise(controller, stop, args.seconds, enable_after, operator, cfg)

@@ -40,6 +40,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "gating.window_mm": (lambda v: v > 0, "a window width > 0 mm"),
     "gating.max_window_mm": (lambda v: v > 0, "a number > 0 mm"),
     "rig.surface_rate_hz": (lambda v: 1 <= v <= 200, "a rate in [1, 200] Hz"),
+    "rig.spirometer_rate_hz": (lambda v: 1 <= v <= 100, "a rate in [1, 100] Hz"),
     "patient.model": (lambda v: v in ("lujan", "trace"), 'one of "lujan", "trace"'),
 }
 _DEVICE_RULES: dict[str, tuple[Any, str]] = {
@@ -83,7 +84,24 @@ def load_config(
     for item in overrides:
         key, value = _parse_override(item)
         _merge(cfg, defaults, _nest(key, value), f"--set {item}", prefix="")
+    _check_components(cfg)
     return cfg
+
+
+def _check_components(cfg: dict[str, Any]) -> None:
+    """Rules that involve several keys are the components' own: build them once now."""
+    from motionctl.settings import correlation_params, estimator_settings, gate_settings
+
+    source = "the merged config (defaults, site file, --set)"
+    for table, build in (
+        ("correlation", correlation_params),
+        ("tracking", estimator_settings),
+        ("gating", gate_settings),
+    ):
+        try:
+            build(cfg)
+        except ValueError as exc:
+            raise ConfigError(source, table, "(table)", f"consistent settings: {exc}") from exc
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -25,15 +25,23 @@ from typing import Any
 
 import serial
 
+from motionctl.config import ConfigError
 from motionctl.correlation import CorrelationModel
 from motionctl.drivers.beam import Ack, BeamInterface
 from motionctl.drivers.igtl_tracker import IgtlTrackerDriver
+from motionctl.drivers.spirometer import SpirometerDriver
 from motionctl.estimator import MotionEstimator
 from motionctl.gating import DwellMonitor, Gate, GateInputs
 from motionctl.interlocks import InterlockEvent, InterlockMonitor
 from motionctl.sessionlog import SessionLogWriter
 from motionctl.settings import correlation_params, estimator_settings, gate_settings
-from motionctl.types import DeviceEvent, GateDecision, MotionEstimate, SurrogateSample
+from motionctl.types import (
+    DeviceEvent,
+    GateDecision,
+    MotionEstimate,
+    SpirometerSample,
+    SurrogateSample,
+)
 
 log = logging.getLogger("motionctl.controller")
 
@@ -77,6 +85,7 @@ class ControllerStatus:
     connected: dict[str, bool] = field(default_factory=dict)
     last_rx: dict[str, float] = field(default_factory=dict)
     last_refusal: str = ""  # why the last operator command was refused
+    valve_closed: bool = False  # the breath-hold spirometer's valve
 
 
 _STOP = object()
@@ -92,6 +101,7 @@ class Controller:
         surface_address: tuple[str, int],
         beam_url: str,
         session_log: SessionLogWriter,
+        spirometer_url: str = "",
         clock: Callable[[], float] = time.monotonic,
     ):
         self.cfg = cfg
@@ -109,6 +119,23 @@ class Controller:
         self.gate = Gate(settings)
         self.dwell = DwellMonitor(settings.axis, settings.dwell_mm, settings.dwell_s)
         self.interlocks = InterlockMonitor()
+        # Breath-hold gating on volume needs the spirometer: then its silence holds the beam.
+        if settings.mode == "breath_hold" and settings.breath_hold_signal == "volume":
+            if not spirometer_url:
+                raise ConfigError(
+                    "the config",
+                    "devices.spirometer.url",
+                    spirometer_url,
+                    "a spirometer for gating.mode = breath_hold on volume",
+                )
+            spiro_cfg = cfg["devices"]["spirometer"]
+            self._stale_timeout_s["spirometer"] = spiro_cfg["stale_timeout_s"]
+        self.spirometer = None
+        if spirometer_url:
+            self.spirometer = SpirometerDriver(
+                spirometer_url, self._queue.put, name="spirometer", clock=clock
+            )
+        self._latest_volume_l = math.nan
         self._max_window_mm = cfg["gating"]["max_window_mm"]
         self.log = session_log  # owned by the caller, who closes it after stop()
         self.t0 = session_log.t0
@@ -132,6 +159,8 @@ class Controller:
         host, port = surface_address
         self.log.device(self.surrogate_device, surface_cfg["kind"], f"{host}:{port}")
         self.log.device("beam", beam_cfg["kind"], beam_url)
+        if spirometer_url:
+            self.log.device("spirometer", cfg["devices"]["spirometer"]["kind"], spirometer_url)
         self.status = ControllerStatus(
             samples={self.surrogate_device: 0}, malformed={self.surrogate_device: 0, "beam": 0}
         )
@@ -146,12 +175,16 @@ class Controller:
         self._thread = threading.Thread(target=self._run, name="controller")
         self._thread.start()
         self.surface.start()
+        if self.spirometer is not None:
+            self.spirometer.start()
 
     def stop(self) -> None:
         """Hold the beam and stop the drivers and the loop; idempotent. The log stays open."""
         if self._thread is None:
             return
         self.surface.stop()
+        if self.spirometer is not None:
+            self.spirometer.stop()
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
@@ -210,22 +243,32 @@ class Controller:
             self._record_event("beam", "write_error", f"{type(exc).__name__}: {exc}")
 
     def _next_stale_deadline(self, now: float) -> float:
-        last = self.status.last_rx.get(self.surrogate_device)
-        if last is None:
-            return now + 0.1
-        deadline = last + self._stale_timeout_s[self.surrogate_device]
-        # Already stale: the decision was made when it expired; heartbeats keep us awake.
-        return deadline if deadline > now else math.inf
+        soonest = math.inf
+        for device, timeout in self._stale_timeout_s.items():
+            last = self.status.last_rx.get(device)
+            if last is None:
+                soonest = min(soonest, now + 0.1)
+            elif last + timeout > now:
+                soonest = min(soonest, last + timeout)
+            # Already stale: decided when it expired; the heartbeats keep the loop awake.
+        return soonest
 
     def _handle(self, item: object) -> None:
         now = self._clock()
         if isinstance(item, SurrogateSample):
             self._on_sample(item)
+        elif isinstance(item, SpirometerSample):
+            self._on_spirometer(item)
         elif isinstance(item, Ack):
             self.log.add(
                 "beam_acks",
-                (item.seq, item.command, self.session_t(item.t_sent),
-                 self.session_t(item.t_ack), int(item.beam_on)),
+                (
+                    item.seq,
+                    item.command,
+                    self.session_t(item.t_sent),
+                    self.session_t(item.t_ack),
+                    int(item.beam_on),
+                ),
             )
         elif isinstance(item, DeviceEvent):
             self._on_event(item)
@@ -254,11 +297,43 @@ class Controller:
         p, q = estimate.position_mm, estimate.predicted_mm
         self.log.add(
             "estimates",
-            (self.session_t(estimate.t), *p, *q, estimate.horizon_s, int(estimate.valid),
-             ",".join(estimate.reasons), estimate.phase, estimate.amplitude_mm,
-             estimate.uncertainty_mm, estimate.model, estimate.surrogate_mm),
+            (
+                self.session_t(estimate.t),
+                *p,
+                *q,
+                estimate.horizon_s,
+                int(estimate.valid),
+                ",".join(estimate.reasons),
+                estimate.phase,
+                estimate.amplitude_mm,
+                estimate.uncertainty_mm,
+                estimate.model,
+                estimate.surrogate_mm,
+            ),
         )
         self._decide(self._clock(), sample.t_rx)
+
+    def _on_spirometer(self, sample: SpirometerSample) -> None:
+        st = self.status
+        st.samples[sample.device] = st.samples.get(sample.device, 0) + 1
+        st.last_rx[sample.device] = sample.t_rx
+        self._latest_volume_l = sample.volume_l
+        st.valve_closed = sample.valve_closed
+        self.log.add(
+            "spirometer_samples",
+            (
+                sample.device,
+                sample.seq,
+                self.session_t(sample.t_rx),
+                sample.t_device,
+                sample.volume_l,
+                sample.flow_l_s,
+                int(sample.valve_closed),
+                sample.feedback_level,
+            ),
+        )
+        if "spirometer" in self._stale_timeout_s:
+            self._decide(self._clock(), sample.t_rx)
 
     def _report_estimate(self, t: float, estimate: MotionEstimate) -> None:
         present = {}
@@ -373,6 +448,7 @@ class Controller:
             estimate=self._latest_estimate,
             interlocks=self.interlocks.active(),
             operator_enabled=self.status.operator_enabled,
+            volume_l=self._latest_volume_l,
         )
 
     def _decide(self, now: float, t_rx: float | None, force_hold: str | None = None) -> None:
@@ -384,8 +460,10 @@ class Controller:
         self.status.awaiting_ack = self.interlocks.awaiting_ack()
         # A deadline wake-up that changes nothing is not a new decision worth recording.
         last = self._last_decision
-        if t_rx is None and last is not None and (
-            decision.beam_enabled == last.beam_enabled and decision.reasons == last.reasons
+        if (
+            t_rx is None
+            and last is not None
+            and (decision.beam_enabled == last.beam_enabled and decision.reasons == last.reasons)
         ):
             return
         self._send_to_beam(self.beam.command, decision.beam_enabled)
@@ -398,6 +476,5 @@ class Controller:
         self.status.t = decision.t
         self.log.add(
             "decisions",
-            (self.session_t(decision.t), int(decision.beam_enabled), decision.reason_text,
-             latency),
+            (self.session_t(decision.t), int(decision.beam_enabled), decision.reason_text, latency),
         )

@@ -101,7 +101,11 @@ _DIVERGED_ERROR_RATIO = 4.0
 _DIVERGED_SLACK_MM = 1.0
 _DIVERGED_HALF_LIFE_S = 2.0
 
-_RIDGE_PRIOR_SAMPLES = 5.0
+# A learner's output is used only after this much learning; until then the predictor says
+# "no change" (the current value). A 21-parameter regression fitted on one or two breaths
+# extrapolates wildly (seen on a LARK trace at 8.8 s), and the first breaths after a
+# reset are also where the analogue library is too small to hold a match.
+_MIN_LEARNING_S = 10.0
 
 
 def horizon_samples(rate_hz: float, horizon_s: float) -> int:
@@ -239,11 +243,9 @@ class _RidgeLearner:
         self.r.fill(0.0)
         self.w.fill(0.0)
         self.ticks = 0
-        self.n_eff = 0.0
         self.ok = True
 
     def learn(self, z: np.ndarray, y: float) -> None:
-        self.n_eff = self.lam * self.n_eff + 1.0
         self.R *= self.lam
         np.multiply.outer(z, z, out=self._outer)
         self.R += self._outer
@@ -253,8 +255,7 @@ class _RidgeLearner:
         self.ticks += 1
         if self.ticks % self.refit_ticks == 0:
             np.copyto(self._A, self.R)
-            shrink = self.alpha + _RIDGE_PRIOR_SAMPLES / self.n_eff
-            self._diag += shrink * float(np.trace(self.R)) / self.p + 1e-12
+            self._diag += self.alpha * float(np.trace(self.R)) / self.p + 1e-12
             try:
                 w = np.linalg.solve(self._A, self.r)
             except np.linalg.LinAlgError:
@@ -434,6 +435,7 @@ class _FeaturePredictor:
         self._zl = np.zeros(self.n_taps + 1)  # features of the sample H ago
         self._div_lam = _half_life_factor(_DIVERGED_HALF_LIFE_S, 1.0 / self.rate_hz)
         self._div_after = round(2.0 * _DIVERGED_HALF_LIFE_S * self.rate_hz)
+        self._min_ticks = math.ceil(_MIN_LEARNING_S / self.tick_interval_s - 1e-9)
         self._learners = self._build()
         self._past = [math.nan] * max(self.H, 1)
         self.reset()
@@ -455,6 +457,7 @@ class _FeaturePredictor:
         self._zl.fill(0.0)
         self._z[-1] = self._zl[-1] = 1.0
         self._since_tick = 0
+        self._ticks = 0
         self._bad = False
         self._err2 = 0.0
         self._none2 = 0.0
@@ -465,6 +468,11 @@ class _FeaturePredictor:
     @property
     def diverged(self) -> bool:
         return self._bad
+
+    @property
+    def ready(self) -> bool:
+        """True once predictions come from the learned model (not the current value)."""
+        return not self._bad and self._ticks >= self._min_ticks
 
     def step(self, value: float) -> float:
         v = float(value)
@@ -491,6 +499,9 @@ class _FeaturePredictor:
                 if not learner.ok:
                     self._bad = True
                     return v
+            self._ticks += 1
+        if self._ticks < self._min_ticks:
+            return v
         # score the prediction made H samples ago
         slot = self._slot
         old = self._past[slot]

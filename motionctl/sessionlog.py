@@ -34,6 +34,9 @@ CREATE TABLE devices (name TEXT PRIMARY KEY, kind TEXT NOT NULL, address TEXT NO
 CREATE TABLE samples (
     device TEXT NOT NULL, seq INTEGER NOT NULL, t REAL NOT NULL, t_device REAL NOT NULL,
     lr_mm REAL, si_mm REAL, ap_mm REAL);
+CREATE TABLE spirometer_samples (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, t REAL NOT NULL, t_device REAL NOT NULL,
+    volume_l REAL, flow_l_s REAL, valve_closed INTEGER, feedback_level_l REAL);
 CREATE TABLE estimates (
     t REAL NOT NULL, lr_mm REAL, si_mm REAL, ap_mm REAL,
     pred_lr_mm REAL, pred_si_mm REAL, pred_ap_mm REAL, horizon_s REAL NOT NULL,
@@ -48,9 +51,10 @@ CREATE TABLE beam_acks (
 CREATE TABLE beam_edges (t REAL NOT NULL, beam_on INTEGER NOT NULL, source TEXT NOT NULL);
 """
 
-TABLES = ("samples", "estimates", "decisions", "events", "beam_acks", "beam_edges")
+TABLES = ("samples", "spirometer_samples", "estimates", "decisions", "events", "beam_acks", "beam_edges")
 _INSERT = {
     "samples": "INSERT INTO samples VALUES (?,?,?,?,?,?,?)",
+    "spirometer_samples": "INSERT INTO spirometer_samples VALUES (?,?,?,?,?,?,?,?)",
     "estimates": "INSERT INTO estimates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "decisions": "INSERT INTO decisions VALUES (?,?,?,?)",
     "events": "INSERT INTO events VALUES (?,?,?,?)",
@@ -194,6 +198,9 @@ def summarize(path: str | Path) -> dict[str, Any]:
             for name, kind, address in db.execute("SELECT name, kind, address FROM devices")
         }
         samples = dict(db.execute("SELECT device, COUNT(*) FROM samples GROUP BY device"))
+        samples |= dict(
+            db.execute("SELECT device, COUNT(*) FROM spirometer_samples GROUP BY device")
+        )
         times = [
             row[0]
             for row in db.execute(

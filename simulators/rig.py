@@ -13,6 +13,7 @@ from typing import Any
 
 from motionctl.simulators.linac import LinacGatingSim
 from motionctl.simulators.patient import patient_from_config
+from motionctl.simulators.spirometer import SpirometerSim
 from motionctl.simulators.surface_tracker import SurfaceTrackerSim
 
 log = logging.getLogger("motionctl.sim.rig")
@@ -32,14 +33,18 @@ class Rig:
             clock=clock,
         )
         self.linac = LinacGatingSim(watchdog_s=cfg["devices"]["beam"]["watchdog_s"], clock=clock)
+        self.spirometer = SpirometerSim(
+            self.patient, rate_hz=cfg["rig"]["spirometer_rate_hz"], clock=clock
+        )
         self.t0: float | None = None
 
     def start(self) -> dict[str, str]:
         self.t0 = self._clock()
-        self.surface.t0 = self.t0
+        self.surface.t0 = self.spirometer.t0 = self.t0
         try:
             self.surface.start()
             self.linac.start()
+            self.spirometer.start()
         except Exception:
             self.stop()
             raise
@@ -47,10 +52,15 @@ class Rig:
 
     def addresses(self) -> dict[str, str]:
         host, port = self.surface.address
-        return {"surface": f"{host}:{port}", "beam": self.linac.path}
+        return {
+            "surface": f"{host}:{port}",
+            "spirometer": self.spirometer.path,
+            "beam": self.linac.path,
+        }
 
     def stop(self) -> None:
         self.surface.stop()
+        self.spirometer.stop()
         self.linac.stop()
 
     def __enter__(self) -> Rig:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from motionctl.config import load_config
-from motionctl.controller import Controller
+from motionctl.controller import Controller, OperatorCommand
 from motionctl.qa import edge_latencies, expected_transitions
 from motionctl.sessionlog import SessionLogWriter, summarize
 from motionctl.simulators.rig import Rig
@@ -43,6 +43,7 @@ class Session:
             surface_address=self.rig.surface.address,
             beam_url=self.rig.linac.path,
             session_log=self.writer,
+            spirometer_url=self.rig.spirometer.path,
         )
         self.controller.start()
 
@@ -85,7 +86,9 @@ def _expected_transitions(s: Session, t_enable: float) -> list[tuple[float, bool
 def test_beam_follows_the_target_and_every_sample_is_logged(session):
     # No prediction, smoothing or debounce: the beam must follow the target as sent.
     s = session(
-        "tracking.horizon_s=0", "tracking.smoothing_s=0", "gating.debounce_samples=1",
+        "tracking.horizon_s=0",
+        "tracking.smoothing_s=0",
+        "gating.debounce_samples=1",
         "tracking.predictor=none",
     )
     s.controller.set_operator_enable(True, who="test")
@@ -141,6 +144,34 @@ def test_losing_the_tracker_holds_the_beam_within_100_ms(session, fault, reason)
     s.controller.stop()
     s.writer.close()
     assert summarize(s.path)["holds_by_reason"][reason]["count"] >= 1
+
+
+def test_breath_hold_gating_on_the_spirometer(session):
+    s = session(
+        "gating.mode=breath_hold",
+        "gating.min_stable_s=0.5",
+        "gating.breath_hold_tolerance_l=0.1",
+        "patient.breath_hold_per_min=30",
+        "patient.breath_hold_s=3",
+        "patient.surrogate_lead_s=0",
+    )
+    s.controller.set_operator_enable(True, who="test")
+    assert s.controller.wait_until(lambda st: st.valve_closed, timeout=20), "no breath hold"
+    t_capture = time.monotonic()
+    s.controller.submit(OperatorCommand("capture_reference", who="test"))
+    t_on = s.rig.linac.wait_for_edge(True, after=t_capture, timeout=5.0)
+    assert t_on is not None, "beam never enabled during the hold"
+    assert t_on - t_capture >= 0.5  # only after the minimum stable hold
+    t_off = s.rig.linac.wait_for_edge(False, after=t_on, timeout=6.0)
+    assert t_off is not None, "beam not held when the breath hold ended"
+    s.controller.stop()
+    s.writer.close()
+    db = sqlite3.connect(s.path)
+    assert db.execute("SELECT COUNT(*) FROM spirometer_samples").fetchone()[0] > 30
+    (detail,) = db.execute("SELECT detail FROM events WHERE kind='capture_reference'").fetchone()
+    assert "reference=" in detail
+    reasons = {r[0] for r in db.execute("SELECT reasons FROM decisions")}
+    assert any("outside_breath_hold_tolerance" in r for r in reasons)
 
 
 def test_sigkill_of_the_sim_leaves_a_readable_log(tmp_path):
@@ -237,7 +268,7 @@ def test_rig_and_run_as_separate_processes(tmp_path):
         text=True,
     )
     try:
-        addresses = dict(rig.stdout.readline().strip().split(": ", 1) for _ in range(2))
+        addresses = dict(rig.stdout.readline().strip().split(": ", 1) for _ in range(3))
         host, port = addresses["surface"].rsplit(":", 1)
         assert host == "127.0.0.1" and addresses["beam"].startswith("/dev/")
         result = subprocess.run(
