@@ -435,7 +435,7 @@ class Controller:
         for device, timeout in self._stale_timeout_s.items():
             last = self.status.last_rx.get(device)
             self._interlock(now, "no_data", device, last is None)
-            stale = last is not None and now - last > timeout
+            stale = last is not None and now - last >= timeout
             age = "" if last is None else f"age {1e3 * (now - last):.0f} ms"
             self._interlock(now, "stale_data", device, stale, age)
         fault = self.beam.fault()

@@ -337,8 +337,9 @@ class LocaliserSettings:
 
     polarity: str = "dark"  # "dark": seeds darker than background (raw counts)
     min_score: float = 6.0  # candidate peak contrast-to-noise for use in a lock
-    candidate_score: float = 4.0  # lower bar: seen, reported, counted for "score_too_low"
-    max_candidates: int = 12  # per view, best scores kept
+    candidate_score: float = 5.0  # lower bar: seen, reported, counted for "score_too_low"
+    max_candidates: int = 12  # per view in the search regions, best scores kept
+    max_candidates_full: int = 40  # per view in a full-frame search (no prior position)
     max_ray_distance_mm: float = 1.0  # stereo: rays of one seed must pass this close
     distance_tolerance_mm: float = 1.5  # inter-seed distance vs plan
     max_fit_residual_mm: float = 1.0  # RMS of the rigid fit (stereo)
@@ -866,13 +867,24 @@ def _axis_midpoint(
     peak = float(profile.max())
     if peak <= 0:
         return cx, cy
-    level = 0.5 * float(np.median(profile[profile > 0.25 * peak]))
-    above = np.nonzero(profile >= level)[0]
-    i0, i1 = int(above[0]), int(above[-1])
-    if i0 == 0 or i1 == len(profile) - 1:
+    # each end at half of ITS plateau (the median 2-5 px inside it): the contrast of a coil
+    # may differ between its ends (background curvature across a rib edge)
+    above = np.nonzero(profile >= 0.25 * peak)[0]
+    j0, j1 = int(above[0]), int(above[-1])
+    if j0 == 0 or j1 == len(profile) - 1 or j1 - j0 < 12:
         return cx, cy
-    t_lo = t[i0 - 1] + 0.5 * (level - profile[i0 - 1]) / (profile[i0] - profile[i0 - 1])
-    t_hi = t[i1] + 0.5 * (profile[i1] - level) / (profile[i1] - profile[i1 + 1])
+    level_lo = 0.5 * float(np.median(profile[j0 + 4 : j0 + 11]))
+    level_hi = 0.5 * float(np.median(profile[j1 - 10 : j1 - 3]))
+    i0 = j0
+    while i0 < j1 and profile[i0] < level_lo:
+        i0 += 1
+    i1 = j1
+    while i1 > j0 and profile[i1] < level_hi:
+        i1 -= 1
+    if i0 == 0 or i1 == len(profile) - 1 or i1 <= i0:
+        return cx, cy
+    t_lo = t[i0 - 1] + 0.5 * (level_lo - profile[i0 - 1]) / (profile[i0] - profile[i0 - 1])
+    t_hi = t[i1] + 0.5 * (profile[i1] - level_hi) / (profile[i1] - profile[i1 + 1])
     mid = 0.5 * float(t_lo + t_hi)
     return cx + mid * ux, cy + mid * uy
 
@@ -906,11 +918,11 @@ def _seed_signal(
 ) -> tuple[np.ndarray, float]:
     """A candidate's signal above its local background, and its long-axis angle (rad).
 
-    The background is a morphological opening ACROSS the candidate's long axis only (a line
-    of 2 x ``across_px`` + 1 px, in a frame rotated to the axis): it removes the marker and
-    keeps whatever the background does along the marker (a rib edge crossing a coil) and
-    any valley or kink across it exactly. Weights are the positive part inside the
-    component grown by ``inner_k``, zero outside.
+    The background at each pixel is interpolated linearly ACROSS the candidate's long axis
+    (the mean of the smoothed image ``across_px`` and ``across_px`` + 1.5 px to either
+    side): unbiased by noise, exact for a background that is linear across the marker over
+    that distance whatever it does along it (a rib edge crossing a coil lengthwise).
+    Weights are the positive part inside the component grown by ``inner_k``, else zero.
     """
     ys, xs = np.nonzero(core)
     if len(xs) >= 2:
@@ -918,36 +930,17 @@ def _seed_signal(
         theta = 0.5 * math.atan2(2.0 * cov[0, 1], cov[0, 0] - cov[1, 1])
     else:
         theta = 0.0
-    ax, ay = math.cos(theta), math.sin(theta)  # long axis
-    nx, ny = -ay, ax  # normal
+    nx, ny = -math.sin(theta), math.cos(theta)  # unit normal to the long axis
     h, w = smooth.shape
-    cx, cy = 0.5 * (w - 1), 0.5 * (h - 1)
-    side = int(math.ceil(math.hypot(w, h))) + 2
-    u0 = v0 = 0.5 * (side - 1)
-    # rotated(u, v) = smooth(c + (u - u0) a + (v - v0) n)
-    to_rot = np.array(
-        [[ax, nx, cx - ax * u0 - nx * v0], [ay, ny, cy - ay * u0 - ny * v0]], dtype=np.float64
-    )
-    rotated = cv2.warpAffine(
-        smooth,
-        to_rot,
-        (side, side),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REFLECT,
-    )
-    k = 2 * int(round(across_px)) + 1
-    line = np.ones((k, 1), dtype=np.uint8)
-    bg_rot = cv2.morphologyEx(rotated, cv2.MORPH_OPEN, line, borderType=cv2.BORDER_REFLECT)
-    back = np.array(
-        [[ax, ay, u0 - ax * cx - ay * cy], [nx, ny, v0 - nx * cx - ny * cy]], dtype=np.float64
-    )
-    background = cv2.warpAffine(
-        bg_rot,
-        back,
-        (w, h),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REFLECT,
-    )
+    background = np.zeros_like(smooth)
+    for sign in (-1.0, 1.0):
+        for dist in (across_px, across_px + 1.5):
+            # background(x) += smooth(x + sign * dist * n): a sub-pixel translation
+            shift = np.float32([[1, 0, -sign * dist * nx], [0, 1, -sign * dist * ny]])
+            background += cv2.warpAffine(
+                smooth, shift, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+            )
+    background *= 0.25
     inner = cv2.dilate(core, inner_k).astype(bool)
     return np.where(inner, np.clip(smooth - background, 0.0, None), 0.0), theta
 
@@ -1187,7 +1180,9 @@ def _detect_view(
         magnification_at_seed=mag,
         polarity=settings.polarity,
         min_score=settings.candidate_score,
-        max_candidates=settings.max_candidates,
+        max_candidates=(
+            settings.max_candidates if region is not None else settings.max_candidates_full
+        ),
     )
     return dets, None
 

@@ -731,6 +731,7 @@ def evaluate_predictor(
     horizon_s: float,
     name: str,
     warmup_s: float = 30.0,
+    **params: Any,
 ) -> dict:
     """Causal evaluation of one predictor on one uniformly sampled trace.
 
@@ -744,6 +745,7 @@ def evaluate_predictor(
     ``mean_us_per_sample`` and ``p99_us_per_sample`` (wall time of ``step()``); plus
     ``rate_hz``, ``horizon_samples``, ``n_scored``, ``n_resets`` and ``n_diverged`` (samples
     at which the predictor reported ``diverged``; it is then reset, as the estimator does).
+    ``params`` go to the predictor's constructor (for sensitivity studies).
     """
     t_s = np.asarray(t_s, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
@@ -753,7 +755,7 @@ def evaluate_predictor(
     if not np.all(dt > 0):
         raise ValueError("t_s must be strictly increasing")
     rate = 1.0 / float(np.median(dt))
-    predictor = make_predictor(name, rate, horizon_s)
+    predictor = make_predictor(name, rate, horizon_s, **params)
     H = horizon_samples(rate, horizon_s)
     n = x.size
     pred = np.full(n, np.nan)

@@ -51,7 +51,15 @@ CREATE TABLE beam_acks (
 CREATE TABLE beam_edges (t REAL NOT NULL, beam_on INTEGER NOT NULL, source TEXT NOT NULL);
 """
 
-TABLES = ("samples", "spirometer_samples", "estimates", "decisions", "events", "beam_acks", "beam_edges")
+TABLES = (
+    "samples",
+    "spirometer_samples",
+    "estimates",
+    "decisions",
+    "events",
+    "beam_acks",
+    "beam_edges",
+)
 _INSERT = {
     "samples": "INSERT INTO samples VALUES (?,?,?,?,?,?,?)",
     "spirometer_samples": "INSERT INTO spirometer_samples VALUES (?,?,?,?,?,?,?,?)",
