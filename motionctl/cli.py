@@ -107,13 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("file")
     export.add_argument("--csv", required=True, metavar="DIR", help="output folder")
     evaluate = sub.add_parser(
-        "evaluate", help="prediction and correlation accuracy on recorded traces",
+        "evaluate",
+        help="prediction and correlation accuracy on recorded traces",
         description="Evaluate motionctl's methods on your own recorded traces (RPM .vxp, "
         "2-column `t value`, 6-DoF `t x y z rx ry rz`, ExtMarker CSV, HexaMotion).",
     )
     evalsub = evaluate.add_subparsers(dest="evaluate_command", metavar="WHAT")
     pred = evalsub.add_parser(
-        "prediction", help="latency-compensating prediction error per trace and predictor",
+        "prediction",
+        help="latency-compensating prediction error per trace and predictor",
         description="Causal prediction of each trace's breathing signal (SI, or the axis of "
         "largest variance) HORIZON seconds ahead, scored after a 30 s warm-up: RMSE, "
         "relative RMSE (to no prediction), P95 error and jitter.",
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--predictor", default="all", metavar="NAME|all")
     pred.add_argument("--json", action="store_true", help="one JSON object per trace")
     corr = evalsub.add_parser(
-        "correlation", help="external-to-internal correlation model error",
+        "correlation",
+        help="external-to-internal correlation model error",
         description="Fit the correlation model on the internal position sampled every "
         "IMAGING_PERIOD seconds (simulated X-rays) and estimate the internal 3-D position "
         "from the surrogate at every sample: 3-D RMS and P95 error after the first 60 s, "
@@ -240,7 +243,10 @@ def _session(args: argparse.Namespace) -> int:
         )
         print(f"session log: {log_path}", file=sys.stderr, flush=True)
         controller = Controller(
-            cfg, surface_address=surface_address, beam_url=beam_url, session_log=writer,
+            cfg,
+            surface_address=surface_address,
+            beam_url=beam_url,
+            session_log=writer,
             spirometer_url=spirometer_url,
         )
         controller.start()
@@ -359,11 +365,15 @@ def _evaluate_prediction(args: argparse.Namespace) -> int:
         for result in results:
             print(json.dumps(result))
         return 0
-    print(f"{'trace':40s} {'predictor':10s} {'RMSE mm':>8s} {'rel RMSE':>8s} "
-          f"{'P95 mm':>7s} {'jitter':>7s}")
+    print(
+        f"{'trace':40s} {'predictor':10s} {'RMSE mm':>8s} {'rel RMSE':>8s} "
+        f"{'P95 mm':>7s} {'jitter':>7s}"
+    )
     for r in results:
-        print(f"{Path(r['trace']).name[:40]:40s} {r['predictor']:10s} {r['rmse_mm']:8.3f} "
-              f"{r['relative_rmse']:8.3f} {r['p95_mm']:7.3f} {r['jitter_mm']:7.3f}")
+        print(
+            f"{Path(r['trace']).name[:40]:40s} {r['predictor']:10s} {r['rmse_mm']:8.3f} "
+            f"{r['relative_rmse']:8.3f} {r['p95_mm']:7.3f} {r['jitter_mm']:7.3f}"
+        )
     return 0
 
 
@@ -376,11 +386,17 @@ def _evaluate_correlation(args: argparse.Namespace) -> int:
     if internal.values.shape[1] < 3:
         raise ValueError(f"{args.internal}: the internal trace needs x y z columns (6-DoF text)")
     result = evaluate_correlation(
-        internal.t_s, internal.values[:, :3], surrogate.t_s, surrogate.values[:, 0],
+        internal.t_s,
+        internal.values[:, :3],
+        surrogate.t_s,
+        surrogate.values[:, 0],
         args.imaging_period,
     )
-    result = {"internal": args.internal, "surrogate": args.surrogate,
-              "imaging_period_s": args.imaging_period} | result
+    result = {
+        "internal": args.internal,
+        "surrogate": args.surrogate,
+        "imaging_period_s": args.imaging_period,
+    } | result
     if args.json:
         print(json.dumps(result))
     else:

@@ -30,8 +30,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "tracking.horizon_s": (lambda v: 0 <= v <= 2, "a number in [0, 2] s"),
     "tracking.surrogate_rate_hz": (lambda v: 1 <= v <= 200, "a rate in [1, 200] Hz"),
     "tracking.smoothing_s": (lambda v: 0 <= v <= 0.5, "a time constant in [0, 0.5] s"),
-    "gating.mode": (lambda v: v in ("amplitude", "phase", "breath_hold"),
-                    "one of amplitude, phase, breath_hold"),
+    "gating.mode": (
+        lambda v: v in ("amplitude", "phase", "breath_hold"),
+        "one of amplitude, phase, breath_hold",
+    ),
     "gating.source": (lambda v: v in ("predicted", "surrogate"), "predicted or surrogate"),
     "gating.breath_hold_signal": (lambda v: v in ("volume", "position"), "volume or position"),
     "gating.debounce_samples": (lambda v: 1 <= v <= 100, "an integer in [1, 100]"),

@@ -74,9 +74,7 @@ class MotionEstimator:
         self.history = SurrogateHistory.for_params(correlation.params)
         self._horizon_samples = max(0, round(settings.horizon_s * settings.rate_hz))
         # Ring of past predictions, to score each one when its target time arrives.
-        self._past: list[tuple[float, float, float] | None] = [None] * max(
-            1, self._horizon_samples
-        )
+        self._past: list[tuple[float, float, float] | None] = [None] * max(1, self._horizon_samples)
         self._slot = 0
         self._pred_err2 = 0.0
         self._pred_err_n = 0
@@ -120,7 +118,8 @@ class MotionEstimator:
             self.last_model = "prior"
         else:
             reasons.append(
-                "correlation_model_invalid" if model.state == "rebuilding"
+                "correlation_model_invalid"
+                if model.state == "rebuilding"
                 else "no_correlation_model"
             )
             position = ahead = _NAN3
@@ -133,9 +132,17 @@ class MotionEstimator:
         valid = not reasons or reasons == ["gap"]
         uncertainty = math.sqrt(model_sigma**2 + prediction_sigma**2)
         return MotionEstimate(
-            t, position, ahead, self.s.horizon_s, valid, tuple(reasons),
-            phase=state.phase, amplitude_mm=state.amplitude_mm,
-            uncertainty_mm=uncertainty, model=self.last_model, surrogate_mm=value,
+            t,
+            position,
+            ahead,
+            self.s.horizon_s,
+            valid,
+            tuple(reasons),
+            phase=state.phase,
+            amplitude_mm=state.amplitude_mm,
+            uncertainty_mm=uncertainty,
+            model=self.last_model,
+            surrogate_mm=value,
         )
 
     def _prior(self, value: float) -> tuple[float, float, float]:

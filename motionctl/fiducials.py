@@ -83,8 +83,10 @@ seed_diameter_mm=1.0, seed_length_mm=3.0, polarity="dark", min_score=5.0, ...)``
 Rejection reasons (`LockReason`): ``no_candidates``, ``score_too_low``, ``too_few_seeds``,
 ``ray_distance_too_large``, ``inter_seed_distance_mismatch``, ``ambiguous_assignment``,
 ``outside_search_region`` (the fitted target is further from the prediction than the search
-margin), ``rotation_too_large``, ``fit_residual_too_large``, ``no_prior`` (mono without a
-learned Gaussian), ``outside_field_of_view`` (the predicted seeds project off the panel).
+margin), ``rotation_too_large``, ``fit_residual_too_large``, ``seed_length_mismatch`` (the
+constellation fits only with an elongated marker measured shorter or longer than planned in
+3-D: truncated by an edge or merged with a structure in a view), ``no_prior`` (mono without
+a learned Gaussian), ``outside_field_of_view`` (the predicted seeds project off the panel).
 
 Bad input raises ``ValueError`` with the reason: an image that is not 2-D, not of the
 geometry's size, not numeric, or holds NaN / inf; a geometry with non-finite or degenerate
@@ -166,6 +168,7 @@ class LockReason(StrEnum):
     OUTSIDE_SEARCH_REGION = "outside_search_region"  # target too far from the prediction
     ROTATION_TOO_LARGE = "rotation_too_large"  # fitted rotation beyond the limit
     FIT_RESIDUAL = "fit_residual_too_large"  # rigid fit / reprojection residual too large
+    SEED_SHAPE = "seed_length_mismatch"  # an elongated marker truncated or merged in a view
     NO_PRIOR = "no_prior"  # mono needs a learned 3-D Gaussian of recent positions
     OUTSIDE_FIELD_OF_VIEW = "outside_field_of_view"  # predicted seeds off the panel
 
@@ -364,8 +367,8 @@ class Detection2D:
     y_px: float
     score: float  # peak contrast-to-noise ratio of the band-passed image
     angle_deg: float  # image-plane orientation of the long axis, from +x towards +y
-    length_px: float  # extent along the long axis (~4 sigma of the second moment)
-    width_px: float  # extent across
+    length_px: float  # end to end: half-maximum ends if elongated, else sqrt(12) x SD
+    width_px: float  # across: sqrt(12) x the second-moment SD across the axis
     area_px: int  # pixels above the threshold
 
     @property
@@ -717,10 +720,8 @@ def detect_candidates(
     inner_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
     min_area = max(2, int(0.25 * w_min * w_min))
     max_area = int(1.5 * (l_max + 2 * grow) * (w_max + 2 * grow)) + 20
-    area = stats[ids, cv2.CC_STAT_AREA]
-    extent = np.maximum(stats[ids, cv2.CC_STAT_WIDTH], stats[ids, cv2.CC_STAT_HEIGHT])
-    # generous: a seed merged with a rib edge is split below, a lung boundary is not a seed
-    ids = ids[(area >= min_area) & (area <= 20 * max_area) & (extent <= 4 * max_length)]
+    # no upper size limit here: a seed merged with a rib edge is split below
+    ids = ids[stats[ids, cv2.CC_STAT_AREA] >= min_area]
     if len(ids) == 0:
         return []
     # peak CNR per component, from the few pixels above min_score: strongest first
@@ -841,17 +842,23 @@ def _refine(
     if length > max_length or width > max_width:
         return None
     phi = 0.5 * math.atan2(2 * mxy, mxx - myy)
+    # lengths: sqrt(12) x the second-moment SD (the length of a uniform bar)
+    end_to_end = math.sqrt(12.0 * lam1)
     if length > 1.5 * width + 2.0:  # elongated: centre = midpoint of the half-max ends
-        cx, cy = _axis_midpoint(wts, cx, cy, phi, length, width)
-    return Detection2D(cx, cy, float(peak), math.degrees(phi), length, width, area)
+        cx, cy, fwhm = _axis_midpoint(wts, cx, cy, phi, length, width)
+        end_to_end = fwhm if fwhm > 0 else end_to_end
+    return Detection2D(
+        cx, cy, float(peak), math.degrees(phi), end_to_end, math.sqrt(12.0 * lam2), area
+    )
 
 
 def _axis_midpoint(
     wts: np.ndarray, cx: float, cy: float, phi: float, length: float, width: float
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Centre of an elongated candidate: along its axis, the midpoint of the two ends where
     the across-summed signal profile falls to half its plateau (robust to a contrast that
-    varies along the marker, e.g. a coil crossing a rib edge); across, the centroid."""
+    varies along the marker, e.g. a coil crossing a rib edge); across, the centroid.
+    Returns (x, y, end-to-end length); length 0 and the centroid when the ends are unclear."""
     ux, uy = math.cos(phi), math.sin(phi)
     half_len = 0.5 * length + 4.0
     half_wid = 0.5 * width + 2.0
@@ -866,13 +873,13 @@ def _axis_midpoint(
     profile = samples.sum(axis=0).astype(np.float64)
     peak = float(profile.max())
     if peak <= 0:
-        return cx, cy
+        return cx, cy, 0.0
     # each end at half of ITS plateau (the median 2-5 px inside it): the contrast of a coil
     # may differ between its ends (background curvature across a rib edge)
     above = np.nonzero(profile >= 0.25 * peak)[0]
     j0, j1 = int(above[0]), int(above[-1])
     if j0 == 0 or j1 == len(profile) - 1 or j1 - j0 < 12:
-        return cx, cy
+        return cx, cy, 0.0
     level_lo = 0.5 * float(np.median(profile[j0 + 4 : j0 + 11]))
     level_hi = 0.5 * float(np.median(profile[j1 - 10 : j1 - 3]))
     i0 = j0
@@ -882,11 +889,11 @@ def _axis_midpoint(
     while i1 > j0 and profile[i1] < level_hi:
         i1 -= 1
     if i0 == 0 or i1 == len(profile) - 1 or i1 <= i0:
-        return cx, cy
+        return cx, cy, 0.0
     t_lo = t[i0 - 1] + 0.5 * (level_lo - profile[i0 - 1]) / (profile[i0] - profile[i0 - 1])
     t_hi = t[i1] + 0.5 * (profile[i1] - level_hi) / (profile[i1] - profile[i1 + 1])
     mid = 0.5 * float(t_lo + t_hi)
-    return cx + mid * ux, cy + mid * uy
+    return cx + mid * ux, cy + mid * uy, float(t_hi - t_lo)
 
 
 def _tophat_cnr(att: np.ndarray, sigma1: float, k_open: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1070,6 +1077,7 @@ def _constellation_search(
     tol: float,
     sigma_d: float,
     min_seeds: int,
+    allowed: np.ndarray | None = None,
     max_solutions: int = 5000,
 ) -> list[_Solution]:
     """All injective maps planned seed -> item (or missing) such that every two assigned
@@ -1098,7 +1106,7 @@ def _constellation_search(
             solutions.append(_Solution(tuple(seeds), tuple(chosen), chi2))
             return
         for k in range(m):
-            if any(u in used for u in uses[k]):
+            if any(u in used for u in uses[k]) or (allowed is not None and not allowed[k, s]):
                 continue
             add = item_cost[k]
             ok = True
@@ -1259,9 +1267,22 @@ def localise_stereo(
     )
     uses = [((0, p.ia), (1, p.ib)) for p in pairs]
     sigma_d = max(float(np.median(sigma_ray)), 0.05) * math.sqrt(2.0)
-    sols = _constellation_search(
-        plan.points, points, item_cost, uses, settings.distance_tolerance_mm, sigma_d, min_seeds
+    shape_ok, shape_why = _length_compatibility(pairs, good, geom_a, geom_b, plan, settings)
+    search = functools.partial(
+        _constellation_search,
+        plan.points,
+        points,
+        item_cost,
+        uses,
+        settings.distance_tolerance_mm,
+        sigma_d,
+        min_seeds,
     )
+    sols = search(allowed=shape_ok)
+    if not sols and search(allowed=None):
+        # the constellation fits only if a seed takes a candidate of the wrong length
+        bad = [why for why in shape_why if why]
+        return rej(LockReason.SEED_SHAPE, bad[0] if bad else "seed length mismatch")
     if not sols:
         return rej(
             LockReason.INTER_SEED_DISTANCE,
@@ -1336,6 +1357,74 @@ def localise_stereo(
         uncertainty_mm=math.sqrt(var),
         **extra,
     )
+
+
+def _length_compatibility(
+    pairs: Sequence[StereoPair],
+    dets: Sequence[Sequence[Detection2D]],
+    geom_a: ProjectionGeometry,
+    geom_b: ProjectionGeometry,
+    plan: SeedPlan,
+    settings: LocaliserSettings,
+) -> tuple[np.ndarray, list[str]]:
+    """Which stereo pair may be which planned seed, by length (elongated markers).
+
+    When a pair's candidates are elongated in both views, the marker's 3-D axis is the
+    intersection of the two planes (source, 2-D axis); its 3-D length follows from each
+    view's end-to-end length. A pair is compatible with seed s if both lengths are within
+    ``max(1.5 mm, 25 %)`` of the planned length (a coil truncated in one view by an edge or
+    merged with a rib edge fails). With one elongated view only, the projected length must
+    not exceed the planned length. Returns (allowed (n_pairs, n_plan), a reason per pair).
+    """
+    lengths = np.asarray(plan.seed_length_mm)
+    diameters = np.asarray(plan.seed_diameter_mm)
+    allowed = np.ones((len(pairs), plan.n), dtype=bool)
+    why = [""] * len(pairs)
+    geoms = (geom_a, geom_b)
+    for k, p in enumerate(pairs):
+        ds = (dets[0][p.ia], dets[1][p.ib])
+        elong = [d.length_px > 1.5 * d.width_px + 2.0 for d in ds]
+        if not any(elong):
+            continue
+        normals, panel_dirs = [], []
+        for d, g in zip(ds, geoms, strict=True):
+            gg = _geom(g)
+            phi = math.radians(d.angle_deg)
+            e3 = math.cos(phi) * gg.u + math.sin(phi) * gg.v
+            x3 = gg.origin + d.x_px * gg.u + d.y_px * gg.v
+            normals.append(np.cross(x3 - gg.source, e3))
+            panel_dirs.append(e3)
+        axis = np.cross(normals[0], normals[1])
+        sin_planes = np.linalg.norm(axis) / (
+            np.linalg.norm(normals[0]) * np.linalg.norm(normals[1])
+        )
+        measured = np.full(2, np.nan)  # 3-D length from each view
+        bound = 0.0  # lower bound on the 3-D length
+        for v, (d, g) in enumerate(zip(ds, geoms, strict=True)):
+            if not elong[v]:
+                continue
+            mm_per_px = _geom(g).pitch / float(magnification(g, p.point_mm)[0])
+            bound = max(bound, d.length_px * mm_per_px)
+            if all(elong) and sin_planes > 0.25:
+                unit = axis / np.linalg.norm(axis)
+                ends = project_points(g, [p.point_mm - 0.5 * unit, p.point_mm + 0.5 * unit])
+                px_per_mm = float(np.linalg.norm(ends[1] - ends[0]))
+                if px_per_mm > 0.2 * (1.0 / mm_per_px):
+                    measured[v] = d.length_px / px_per_mm
+        for s in range(plan.n):
+            tol = max(1.5, 0.25 * lengths[s])
+            if bound > lengths[s] + diameters[s] + tol:
+                allowed[k, s] = False
+            elif np.isfinite(measured).any() and (np.nanmax(np.abs(measured - lengths[s])) > tol):
+                allowed[k, s] = False
+        if not allowed[k].all():
+            shown = ", ".join(f"{x:.1f}" for x in measured if np.isfinite(x)) or f"{bound:.1f}"
+            why[k] = (
+                f"candidates ({ds[0].x_px:.0f}, {ds[0].y_px:.0f}) / ({ds[1].x_px:.0f}, "
+                f"{ds[1].y_px:.0f}) measure {shown} mm, no planned seed length fits "
+                f"(truncated or merged?)"
+            )
+    return allowed, why
 
 
 def _rank_solutions(sols: list[_Solution], plan: SeedPlan, points: np.ndarray) -> _Solution:

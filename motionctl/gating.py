@@ -114,7 +114,9 @@ class Gate:
         return self.lower_mm <= position_mm <= self.upper_mm
 
     # -- the decision ---------------------------------------------------------------------
-    def update(self, t: float, inputs: GateInputs) -> GateDecision:
+    def update(self, t: float, inputs: GateInputs, new_sample: bool = True) -> GateDecision:
+        """The decision at ``t``. Debounce counts new samples only: a re-evaluation between
+        samples (an event, a deadline) can end but never shorten the count."""
         reasons: list[str] = []
         if not inputs.operator_enabled:
             reasons.append("operator_not_enabled")
@@ -125,7 +127,7 @@ class Gate:
         ok = not reasons
         state = TRANSITIONS[(self.state, ok)]
         if state is GateState.ARMING:
-            self._good_count += 1
+            self._good_count += 1 if new_sample or self.state is GateState.HOLD else 0
             if self._good_count >= self.settings.debounce_samples:
                 state = GateState.BEAM_ON
             else:

@@ -33,22 +33,26 @@ CREATE TABLE config (json TEXT NOT NULL);
 CREATE TABLE devices (name TEXT PRIMARY KEY, kind TEXT NOT NULL, address TEXT NOT NULL);
 CREATE TABLE samples (
     device TEXT NOT NULL, seq INTEGER NOT NULL, t REAL NOT NULL, t_device REAL NOT NULL,
-    lr_mm REAL, si_mm REAL, ap_mm REAL);
+    lr_mm REAL, si_mm REAL, ap_mm REAL, n INTEGER NOT NULL);
 CREATE TABLE spirometer_samples (
     device TEXT NOT NULL, seq INTEGER NOT NULL, t REAL NOT NULL, t_device REAL NOT NULL,
-    volume_l REAL, flow_l_s REAL, valve_closed INTEGER, feedback_level_l REAL);
+    volume_l REAL, flow_l_s REAL, valve_closed INTEGER, feedback_level_l REAL,
+    n INTEGER NOT NULL);
 CREATE TABLE estimates (
     t REAL NOT NULL, lr_mm REAL, si_mm REAL, ap_mm REAL,
     pred_lr_mm REAL, pred_si_mm REAL, pred_ap_mm REAL, horizon_s REAL NOT NULL,
     valid INTEGER NOT NULL, reasons TEXT NOT NULL, phase REAL, amplitude_mm REAL,
-    uncertainty_mm REAL, model TEXT NOT NULL, surrogate_mm REAL);
+    uncertainty_mm REAL, model TEXT NOT NULL, surrogate_mm REAL, n INTEGER NOT NULL);
 CREATE TABLE decisions (
-    t REAL NOT NULL, beam_enabled INTEGER NOT NULL, reasons TEXT NOT NULL, latency_s REAL);
-CREATE TABLE events (t REAL NOT NULL, source TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT);
+    t REAL NOT NULL, beam_enabled INTEGER NOT NULL, reasons TEXT NOT NULL, latency_s REAL,
+    n INTEGER NOT NULL);
+CREATE TABLE events (
+    t REAL NOT NULL, source TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT, n INTEGER NOT NULL);
 CREATE TABLE beam_acks (
     seq INTEGER NOT NULL, command TEXT NOT NULL, t_sent REAL NOT NULL, t_ack REAL NOT NULL,
-    beam_on INTEGER NOT NULL);
-CREATE TABLE beam_edges (t REAL NOT NULL, beam_on INTEGER NOT NULL, source TEXT NOT NULL);
+    beam_on INTEGER NOT NULL, n INTEGER NOT NULL);
+CREATE TABLE beam_edges (
+    t REAL NOT NULL, beam_on INTEGER NOT NULL, source TEXT NOT NULL, n INTEGER NOT NULL);
 """
 
 TABLES = (
@@ -61,13 +65,13 @@ TABLES = (
     "beam_edges",
 )
 _INSERT = {
-    "samples": "INSERT INTO samples VALUES (?,?,?,?,?,?,?)",
-    "spirometer_samples": "INSERT INTO spirometer_samples VALUES (?,?,?,?,?,?,?,?)",
-    "estimates": "INSERT INTO estimates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-    "decisions": "INSERT INTO decisions VALUES (?,?,?,?)",
-    "events": "INSERT INTO events VALUES (?,?,?,?)",
-    "beam_acks": "INSERT INTO beam_acks VALUES (?,?,?,?,?)",
-    "beam_edges": "INSERT INTO beam_edges VALUES (?,?,?)",
+    "samples": "INSERT INTO samples VALUES (?,?,?,?,?,?,?,?)",
+    "spirometer_samples": "INSERT INTO spirometer_samples VALUES (?,?,?,?,?,?,?,?,?)",
+    "estimates": "INSERT INTO estimates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "decisions": "INSERT INTO decisions VALUES (?,?,?,?,?)",
+    "events": "INSERT INTO events VALUES (?,?,?,?,?)",
+    "beam_acks": "INSERT INTO beam_acks VALUES (?,?,?,?,?,?)",
+    "beam_edges": "INSERT INTO beam_edges VALUES (?,?,?,?)",
 }
 
 log = logging.getLogger("motionctl.sessionlog")
@@ -97,6 +101,7 @@ class SessionLogWriter:
         self._interval = commit_interval_s
         self.on_failure = on_failure
         self._pending: dict[str, list[tuple]] = {name: [] for name in TABLES}
+        self._n = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.failed: str | None = None
@@ -127,8 +132,11 @@ class SessionLogWriter:
 
     # -- called from the controller thread -------------------------------------------------
     def add(self, table: str, row: tuple) -> None:
+        """Queue a row; the log appends ``n``, the row's place in the session's one order
+        across all tables (replay merges the tables by it)."""
         with self._lock:
-            self._pending[table].append(row)
+            self._pending[table].append((*row, self._n))
+            self._n += 1
 
     def device(self, name: str, kind: str, address: str) -> None:
         self._execute_now("INSERT OR REPLACE INTO devices VALUES (?,?,?)", (name, kind, address))

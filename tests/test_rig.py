@@ -169,7 +169,7 @@ def test_breath_hold_gating_on_the_spirometer(session):
     db = sqlite3.connect(s.path)
     assert db.execute("SELECT COUNT(*) FROM spirometer_samples").fetchone()[0] > 30
     (detail,) = db.execute("SELECT detail FROM events WHERE kind='capture_reference'").fetchone()
-    assert "reference=" in detail
+    assert 0.2 < json.loads(detail)["reference"] < 2.0  # litres, near the held volume
     reasons = {r[0] for r in db.execute("SELECT reasons FROM decisions")}
     assert any("outside_breath_hold_tolerance" in r for r in reasons)
 
@@ -200,7 +200,8 @@ def test_sigkill_of_the_sim_leaves_a_readable_log(tmp_path):
     try:
         deadline = time.monotonic() + 20
         seen = ""
-        while "BEAM ENABLED" not in seen:  # the session is live and gating
+        lines_after = -1  # status lines seen since the beam was first enabled
+        while lines_after < 1:  # one more line (0.1 s): a commit has happened since
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"sim never enabled the beam; stderr: {seen[-2000:]}"
             ready, _, _ = select.select([proc.stderr], [], [], remaining)
@@ -208,6 +209,10 @@ def test_sigkill_of_the_sim_leaves_a_readable_log(tmp_path):
                 line = proc.stderr.readline()
                 assert line, f"sim exited early: {seen[-2000:]}"
                 seen += line
+                if lines_after >= 0 and line.startswith("t="):
+                    lines_after += 1
+                elif "BEAM ENABLED" in line:
+                    lines_after = 0
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -218,10 +223,10 @@ def test_sigkill_of_the_sim_leaves_a_readable_log(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     summary = summarize(log)
     assert summary["samples"]["surface"] > 0
-    assert summary["beam_on_s"] > 0
     db = sqlite3.connect(log)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    assert db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] > 0
+    enabled = db.execute("SELECT COUNT(*) FROM decisions WHERE beam_enabled=1").fetchone()[0]
+    assert enabled > 0  # the record reaches at least the first beam-on decision
 
 
 def test_sim_cli_json_summary(tmp_path):

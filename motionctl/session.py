@@ -1,0 +1,327 @@
+"""The session core: everything between the drivers and the beam, pure and in session time.
+
+``SessionCore`` holds the estimator, the gate, the dwell rule, the interlock monitor and the
+operator's settings. The live controller feeds it what the drivers deliver (with times
+converted to session seconds), asks it for a decision, and carries the decision to the
+beam; log replay feeds it the same inputs from a session log. Because the core reads no
+clock and does no I/O, both runs make identical decisions.
+
+Everything the core consumes or concludes is recorded through ``record(table, row)``:
+samples, estimates, interlock changes, operator actions and the beam interface's fault
+state. Gate decisions are recorded by the caller, which alone knows when the beam command
+went out (the decision latency).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from motionctl.correlation import CorrelationModel
+from motionctl.estimator import MotionEstimator
+from motionctl.gating import DwellMonitor, Gate, GateInputs
+from motionctl.interlocks import InterlockMonitor
+from motionctl.settings import correlation_params, estimator_settings, gate_settings
+from motionctl.types import (
+    DeviceEvent,
+    GateDecision,
+    MotionEstimate,
+    SpirometerSample,
+    SurrogateSample,
+)
+
+Record = Callable[[str, tuple], None]
+
+# Estimate reasons that are interlocks of their own (the rest: estimate_invalid).
+_ESTIMATE_INTERLOCKS = {
+    "surrogate_not_finite": "not_finite",
+    "surrogate_out_of_range": "out_of_range",
+    "time_not_finite": "not_finite",
+    "predictor_diverged": "predictor_diverged",
+    "correlation_model_invalid": "correlation_model_invalid",
+    "fiducial_disagreement": "fiducial_disagreement",
+}
+_PER_SAMPLE_INTERLOCKS = sorted(set(_ESTIMATE_INTERLOCKS.values()) | {"estimate_invalid"})
+_DEVICE_SUBJECT = ("not_finite", "out_of_range")
+
+OPERATOR_COMMANDS = (
+    "enable",
+    "disable",
+    "window",
+    "hold",
+    "release",
+    "acknowledge",
+    "capture_reference",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorCommand:
+    """enable, disable, hold, release, window (value = (centre, width) mm), acknowledge
+    (value = interlock key), capture_reference."""
+
+    kind: str
+    value: Any = None
+    who: str = "operator"
+
+
+@dataclass
+class SessionStatus:
+    """The latest state, for the status line and the console: replaced field by field by the
+    one thread that drives the core, read (never written) by others."""
+
+    t: float = 0.0
+    decision: GateDecision | None = None
+    estimate: MotionEstimate | None = None
+    operator_enabled: bool = False
+    interlocks: tuple[str, ...] = ()
+    awaiting_ack: tuple[str, ...] = ()
+    samples: dict[str, int] = field(default_factory=dict)
+    malformed: dict[str, int] = field(default_factory=dict)
+    connected: dict[str, bool] = field(default_factory=dict)
+    last_rx: dict[str, float] = field(default_factory=dict)
+    last_refusal: str = ""  # why the last operator command was refused
+    valve_closed: bool = False  # the breath-hold spirometer's valve
+    beam_fault: str | None = None
+
+
+class SessionCore:
+    def __init__(self, cfg: dict[str, Any], record: Record, *, stale_timeout_s: dict[str, float]):
+        """``stale_timeout_s``: the required devices and how long each may stay silent."""
+        self.cfg = cfg
+        self._record = record
+        self.surrogate_device = cfg["tracking"]["surrogate_device"]
+        self.stale_timeout_s = dict(stale_timeout_s)
+        self.estimator = MotionEstimator(
+            estimator_settings(cfg), CorrelationModel(correlation_params(cfg))
+        )
+        settings = gate_settings(cfg)
+        self.gate = Gate(settings)
+        self.dwell = DwellMonitor(settings.axis, settings.dwell_mm, settings.dwell_s)
+        self.interlocks = InterlockMonitor()
+        self._max_window_mm = cfg["gating"]["max_window_mm"]
+        self.status = SessionStatus()
+        self._estimate: MotionEstimate | None = None
+        self._volume_l = math.nan
+        self._last_t_device: dict[str, float] = {}
+        self._last_decision: GateDecision | None = None
+
+    # -- inputs ---------------------------------------------------------------------------
+    def on_surrogate(self, sample: SurrogateSample) -> None:
+        """A surrogate sample, ``t_rx`` in session time."""
+        self._count(sample.device, sample.t_rx)
+        x, y, z = sample.position_mm
+        self._record("samples", (sample.device, sample.seq, sample.t_rx, sample.t_device, x, y, z))
+        self._check_device_clock(sample.device, sample.t_rx, sample.t_device)
+        if sample.device != self.surrogate_device:
+            return
+        estimate = self.estimator.step(sample)
+        self._estimate = estimate
+        self.status.estimate = estimate
+        p, q = estimate.position_mm, estimate.predicted_mm
+        self._record(
+            "estimates",
+            (
+                estimate.t,
+                *p,
+                *q,
+                estimate.horizon_s,
+                int(estimate.valid),
+                ",".join(estimate.reasons),
+                estimate.phase,
+                estimate.amplitude_mm,
+                estimate.uncertainty_mm,
+                estimate.model,
+                estimate.surrogate_mm,
+            ),
+        )
+        self._report_estimate(sample.t_rx, estimate)
+
+    def on_spirometer(self, sample: SpirometerSample) -> None:
+        self._count(sample.device, sample.t_rx)
+        self._volume_l = sample.volume_l
+        self.status.valve_closed = sample.valve_closed
+        self._record(
+            "spirometer_samples",
+            (
+                sample.device,
+                sample.seq,
+                sample.t_rx,
+                sample.t_device,
+                sample.volume_l,
+                sample.flow_l_s,
+                int(sample.valve_closed),
+                sample.feedback_level,
+            ),
+        )
+        self._check_device_clock(sample.device, sample.t_rx, sample.t_device)
+
+    def on_device_event(self, event: DeviceEvent) -> None:
+        """A driver's event, ``t`` in session time."""
+        t = event.t
+        if event.kind == "malformed":
+            self.status.malformed[event.device] = self.status.malformed.get(event.device, 0) + 1
+            # A momentary condition: raised now, cleared after the interlock's clean period.
+            self._interlock(t, "malformed_data", event.device, True, event.detail)
+            self._interlock(t, "malformed_data", event.device, False)
+        elif event.kind in ("connected", "disconnected", "port_error"):
+            up = event.kind == "connected"
+            self.status.connected[event.device] = up
+            self._interlock(t, "disconnected", event.device, not up, event.detail)
+        elif event.device == "session_log" and event.kind == "write_failure":
+            self._interlock(t, "log_write_failure", None, True, event.detail)
+        self._record("events", (t, event.device, event.kind, event.detail))
+
+    def set_beam_fault(self, t: float, fault: str | None) -> None:
+        """The beam interface's fault state as the driver reports it at time ``t``."""
+        if fault != self.status.beam_fault:
+            self.status.beam_fault = fault
+            self._record("events", (t, "beam", "fault", fault or ""))
+        self._interlock(t, "beam_interface", None, fault is not None, fault or "")
+
+    def on_command(self, t: float, command: OperatorCommand) -> str:
+        """An operator action; returns why it was refused ("" if carried out)."""
+        refusal = ""
+        old: Any = None
+        if command.kind in ("enable", "disable"):
+            old = self.status.operator_enabled
+            self.status.operator_enabled = command.kind == "enable"
+        elif command.kind == "window":
+            old = (self.gate.center_mm, self.gate.window_mm)
+            refusal = self.window_refusal(command.value)
+            if not refusal:
+                self.gate.set_window(*command.value)
+        elif command.kind == "hold":
+            self._interlock(t, "operator_hold", None, True, command.who)
+        elif command.kind == "release":
+            self._interlock(t, "operator_hold", None, False)
+            _, refusal = self.interlocks.acknowledge(t, "operator_hold")
+        elif command.kind == "acknowledge":
+            _, refusal = self.interlocks.acknowledge(t, str(command.value))
+            if not refusal:
+                self._record("events", (t, "interlock", "acknowledged", str(command.value)))
+        elif command.kind == "capture_reference":
+            level = self.gate.breath_hold_level(self._inputs())
+            old = self.gate.reference
+            try:
+                self.gate.capture_reference(level)
+            except ValueError as exc:
+                refusal = str(exc)
+        else:
+            refusal = f"unknown operator command {command.kind!r}"
+        self.status.last_refusal = refusal
+        detail = {"who": command.who, "value": command.value, "old": old}
+        if command.kind == "capture_reference":
+            detail["reference"] = self.gate.reference
+        if refusal:
+            detail["refused"] = refusal
+        self._record("events", (t, "operator", command.kind, json.dumps(detail)))
+        return refusal
+
+    def window_refusal(self, value: Any) -> str:
+        """Why a gating window (centre, width) cannot be used; "" if it can."""
+        try:
+            center, width = value
+        except (TypeError, ValueError):
+            return "a window is a centre and a width, in mm"
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            return "window values must be numbers"
+        if not (math.isfinite(center) and math.isfinite(width)):
+            return "window values must be finite"
+        if width <= 0:
+            return f"window width {width} mm must be positive"
+        if width > self._max_window_mm:
+            return f"window width {width} mm exceeds the configured maximum {self._max_window_mm}"
+        if abs(center) > 50.0:
+            return f"window centre {center} mm is outside physical limits (+/-50 mm)"
+        return ""
+
+    # -- the decision ---------------------------------------------------------------------
+    def decide(self, t: float, new_sample: bool) -> GateDecision | None:
+        """The gate's decision at session time ``t``; None when this was not a new sample and
+        nothing changed (a deadline wake-up with nothing to report)."""
+        self._check_freshness(t)
+        decision = self.gate.update(t, self._inputs(), new_sample=new_sample)
+        self.status.interlocks = self.interlocks.active()
+        self.status.awaiting_ack = self.interlocks.awaiting_ack()
+        last = self._last_decision
+        if (
+            not new_sample
+            and last is not None
+            and (decision.beam_enabled == last.beam_enabled and decision.reasons == last.reasons)
+        ):
+            return None
+        self._last_decision = decision
+        self.status.decision = decision
+        self.status.t = t
+        return decision
+
+    def next_deadline(self, t: float) -> float:
+        """When silence would next change a decision (a device going stale), session time."""
+        soonest = math.inf
+        for device, timeout in self.stale_timeout_s.items():
+            last = self.status.last_rx.get(device)
+            if last is None:
+                soonest = min(soonest, t + 0.1)
+            elif last + timeout > t:
+                soonest = min(soonest, last + timeout)
+        return soonest
+
+    # -- internals --------------------------------------------------------------------------
+    def _inputs(self) -> GateInputs:
+        return GateInputs(
+            estimate=self._estimate,
+            interlocks=self.interlocks.active(),
+            operator_enabled=self.status.operator_enabled,
+            volume_l=self._volume_l,
+        )
+
+    def _count(self, device: str, t: float) -> None:
+        st = self.status
+        st.samples[device] = st.samples.get(device, 0) + 1
+        st.last_rx[device] = t
+
+    def _check_device_clock(self, device: str, t: float, t_device: float) -> None:
+        # A device clock that goes back means its timestamps (and maybe its data) are wrong.
+        last = self._last_t_device.get(device)
+        backwards = last is not None and t_device < last
+        detail = f"device time {t_device:.3f} after {last:.3f}" if backwards else ""
+        self._interlock(t, "clock_backwards", device, backwards, detail)
+        self._last_t_device[device] = t_device
+
+    def _report_estimate(self, t: float, estimate: MotionEstimate) -> None:
+        present: dict[str, str] = {}
+        for reason in estimate.reasons:
+            code = _ESTIMATE_INTERLOCKS.get(reason)
+            if code is not None:
+                present[code] = reason
+        if not estimate.valid and not present:
+            present["estimate_invalid"] = ",".join(estimate.reasons)
+        for code in _PER_SAMPLE_INTERLOCKS:
+            subject = self.surrogate_device if code in _DEVICE_SUBJECT else None
+            self._interlock(t, code, subject, code in present, present.get(code, ""))
+        dwell = self.dwell.update(t, estimate, self.gate.center_mm)
+        self._interlock(t, "dwell_exceeded", None, dwell, f"> {self.dwell.dwell_mm} mm")
+
+    def _check_freshness(self, t: float) -> None:
+        for device, timeout in self.stale_timeout_s.items():
+            last = self.status.last_rx.get(device)
+            self._interlock(t, "no_data", device, last is None)
+            stale = last is not None and t - last >= timeout
+            age = "" if last is None else f"age {1e3 * (t - last):.0f} ms"
+            self._interlock(t, "stale_data", device, stale, age)
+        for event in self.interlocks.tick(t):
+            self._record("events", (event.t, "interlock", event.kind, _key_detail(event)))
+
+    def _interlock(
+        self, t: float, code: str, subject: str | None, active: bool, detail: str = ""
+    ) -> None:
+        for event in self.interlocks.report(t, code, subject, active, detail):
+            self._record("events", (event.t, "interlock", event.kind, _key_detail(event)))
+
+
+def _key_detail(event) -> str:
+    return f"{event.key} {event.detail}".strip()
