@@ -59,7 +59,7 @@ def test_export_writes_a_csv_per_table(tmp_path):
     files = {p.name: p for p in export_csv(path, tmp_path / "csv")}
     assert {"samples.csv", "decisions.csv", "events.csv", "config.csv"} <= set(files)
     rows = list(csv.reader(files["samples.csv"].open()))
-    assert rows[0] == ["device", "seq", "t", "t_device", "lr_mm", "si_mm", "ap_mm"]
+    assert rows[0] == ["device", "seq", "t", "t_device", "lr_mm", "si_mm", "ap_mm", "n"]
     assert len(rows) == 11 and rows[10][1] == "9"
 
 
