@@ -27,6 +27,7 @@ from motionctl.config import ConfigError
 from motionctl.drivers.beam import Ack, BeamInterface
 from motionctl.drivers.igtl_tracker import IgtlTrackerDriver
 from motionctl.drivers.spirometer import SpirometerDriver
+from motionctl.livestate import LiveTrace
 from motionctl.session import OperatorCommand, SessionCore, SessionStatus
 from motionctl.sessionlog import SessionLogWriter
 from motionctl.types import DeviceEvent, GateDecision, SpirometerSample, SurrogateSample
@@ -100,6 +101,7 @@ class Controller:
         self.log.device("beam", beam_cfg["kind"], beam_url)
         if spirometer_url:
             self.log.device("spirometer", cfg["devices"]["spirometer"]["kind"], spirometer_url)
+        self.live = LiveTrace(rate_hz=cfg["tracking"]["surrogate_rate_hz"])  # for the console
         self._thread: threading.Thread | None = None
         self._handled = threading.Condition()  # notified after each queue item is handled
 
@@ -181,6 +183,7 @@ class Controller:
         if isinstance(item, SurrogateSample):
             self.core.on_surrogate(dataclasses.replace(item, t_rx=session_t(item.t_rx)))
             self._decide(item.t_rx)
+            self._publish()
         elif isinstance(item, SpirometerSample):
             self.core.on_spirometer(dataclasses.replace(item, t_rx=session_t(item.t_rx)))
             self._decide(item.t_rx if "spirometer" in self.core.stale_timeout_s else None)
@@ -215,6 +218,15 @@ class Controller:
         self._send_to_beam(self.beam.command, decision.beam_enabled)
         latency = None if t_rx is None else self._clock() - t_rx
         self._record_decision(decision, latency)
+
+    def _publish(self) -> None:
+        est, decision = self.status.estimate, self.status.decision
+        if est is None:
+            return
+        self.live.append(
+            (est.t, est.surrogate_mm, *est.position_mm, *est.predicted_mm, est.uncertainty_mm,
+             1.0 if decision is not None and decision.beam_enabled else 0.0, float(est.valid))
+        )
 
     def _force_hold(self, reason: str) -> None:
         decision = GateDecision(self.session_t(self._clock()), False, (reason,))
