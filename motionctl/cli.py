@@ -348,13 +348,15 @@ def _format_summary(summary: dict[str, Any]) -> str:
 
 
 def _evaluate_prediction(args: argparse.Namespace) -> int:
-    from motionctl.prediction import PREDICTORS, evaluate_predictor
+    from motionctl.prediction import DEFAULT_PREDICTOR, PREDICTORS, evaluate_predictor
     from motionctl.traces import breathing_signal, read_trace
 
     names = list(PREDICTORS) if args.predictor == "all" else [args.predictor]
+    names = [DEFAULT_PREDICTOR if name == "default" else name for name in names]
     for name in names:
         if name not in PREDICTORS:
-            raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}, all")
+            known = ", ".join(PREDICTORS)
+            raise ValueError(f"unknown predictor {name!r}; known: {known}, default, all")
     results = []
     for path in args.traces:
         t, x = breathing_signal(read_trace(path))
@@ -401,8 +403,16 @@ def _evaluate_correlation(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:28s} {value}")
+            print(f"{key:28s} {_plain(value)}")
     return 0
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return "  ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    return str(value)
 
 
 def _log_info(args: argparse.Namespace) -> int:

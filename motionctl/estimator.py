@@ -31,7 +31,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from motionctl.correlation import CorrelationModel, PointResult, SurrogateHistory
-from motionctl.prediction import DEFAULT_PREDICTOR, Predictor, make_predictor
+from motionctl.prediction import (
+    DEFAULT_PREDICTOR,
+    Predictor,
+    horizon_samples,
+    make_predictor,
+)
 from motionctl.surrogate import SurrogateParams, SurrogateProcessor
 from motionctl.types import AXES, MotionEstimate, SurrogateSample
 
@@ -72,7 +77,7 @@ class MotionEstimator:
         self.predictor = predictor or make_predictor(name, settings.rate_hz, settings.horizon_s)
         self.correlation = correlation
         self.history = SurrogateHistory.for_params(correlation.params)
-        self._horizon_samples = max(0, round(settings.horizon_s * settings.rate_hz))
+        self._horizon_samples = horizon_samples(settings.rate_hz, settings.horizon_s)
         # Ring of past predictions, to score each one when its target time arrives.
         self._past: list[tuple[float, float, float] | None] = [None] * max(1, self._horizon_samples)
         self._slot = 0

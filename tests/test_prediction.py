@@ -1,0 +1,374 @@
+"""Latency-compensating predictors: definitions, safety behaviour, and accuracy on signals
+whose answer is known by construction. Real-data accuracy is measured by
+bench/bench_prediction.py; here one real trace only checks the ranking default > nLMS."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from motionctl.prediction import (
+    DEFAULT_PREDICTOR,
+    PREDICTORS,
+    Predictor,
+    evaluate_predictor,
+    horizon_samples,
+    make_predictor,
+)
+from tests.conftest import shared_data
+
+LEARNING = [name for name in PREDICTORS if name != "none"]
+
+
+def sinusoid(rate_hz: float, seconds: float = 80.0, period_s: float = 4.0, noise_mm=0.0):
+    t = np.arange(0.0, seconds, 1.0 / rate_hz)
+    x = 5.0 * np.sin(2 * np.pi * t / period_s) + 12.0
+    if noise_mm:
+        x = x + np.random.default_rng(1).normal(0.0, noise_mm, t.size)
+    return t, x
+
+
+def cos4_breathing(rate_hz: float, seconds: float = 80.0, noise_mm: float = 0.1, seed: int = 2):
+    """Lujan's model z = z0 - b cos^4(pi t / T): long end-exhale rest, sharp inhale."""
+    t = np.arange(0.0, seconds, 1.0 / rate_hz)
+    x = -490.0 - 15.0 * np.cos(np.pi * t / 4.2) ** 4  # IR marker far from the origin
+    x = x + np.random.default_rng(seed).normal(0.0, noise_mm, t.size)
+    return t, x
+
+
+def run(predictor: Predictor, x) -> np.ndarray:
+    return np.array([predictor.step(float(v)) for v in x])
+
+
+# -- definitions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rate_hz, horizon_s, expected",
+    [
+        (5.0, 0.4, 2),
+        (10.0, 0.4, 4),
+        (25.0, 0.4, 10),
+        (30.0, 0.4, 12),
+        (5.0, 0.15, 1),  # 0.75 -> 1
+        (10.0, 0.15, 2),  # 1.5 -> 2: halves round up, not to even
+        (25.0, 0.15, 4),  # 3.75 -> 4
+        (30.0, 0.15, 5),  # 4.5 -> 5
+        (30.0, 0.11, 3),  # 3.3 -> 3
+        (5.0, 0.05, 1),  # 0.25 would round to 0: at least one sample
+        (30.0, 0.0, 0),  # no latency, no horizon
+    ],
+)
+def test_horizon_in_samples_rounds_to_nearest(rate_hz, horizon_s, expected):
+    assert horizon_samples(rate_hz, horizon_s) == expected
+    for name in PREDICTORS:
+        p = make_predictor(name, rate_hz, horizon_s)
+        assert p.horizon_samples == expected
+        assert p.horizon_s == horizon_s
+        assert p.name == name
+
+
+@pytest.mark.parametrize(
+    "rate_hz, horizon_s", [(0.0, 0.4), (-5.0, 0.4), (30.0, -0.1), (math.nan, 0.4), (30.0, math.inf)]
+)
+def test_bad_rate_or_horizon_is_refused(rate_hz, horizon_s):
+    with pytest.raises(ValueError):
+        make_predictor(DEFAULT_PREDICTOR, rate_hz, horizon_s)
+
+
+def test_registry_and_default():
+    assert {"none", "nlms", "ridge"} <= set(PREDICTORS)
+    assert len(PREDICTORS) >= 4  # at least one method stronger than the linear filters
+    assert DEFAULT_PREDICTOR in PREDICTORS
+    assert make_predictor("default", 30.0, 0.4).name == DEFAULT_PREDICTOR
+    for name in PREDICTORS:
+        assert isinstance(make_predictor(name, 30.0, 0.4), Predictor)
+
+
+def test_unknown_name_is_refused_naming_the_valid_ones():
+    with pytest.raises(ValueError) as excinfo:
+        make_predictor("kalman9000", 30.0, 0.4)
+    message = str(excinfo.value)
+    assert "kalman9000" in message
+    for name in PREDICTORS:
+        assert name in message
+
+
+def test_parameters_are_passed_and_checked():
+    assert make_predictor("analogue", 30.0, 0.4, k=8)._analogue.k == 8
+    assert make_predictor("ridge", 30.0, 0.4, span_s=2.0).n_taps == 10
+    for name, bad in [
+        ("analogue", {"k": 0}),
+        ("ensemble", {"k": 2.5}),
+        ("ridge", {"half_life_s": 0.0}),
+        ("ridge", {"alpha": -1.0}),
+        ("nlms", {"mu": math.nan}),
+        ("ensemble", {"error_half_life_s": -1.0}),
+        ("analogue", {"memory_s": 0.0}),
+    ]:
+        with pytest.raises(ValueError):
+            make_predictor(name, 30.0, 0.4, **bad)
+    with pytest.raises(TypeError):
+        make_predictor("ridge", 30.0, 0.4, no_such_parameter=1)
+
+
+def test_none_returns_the_current_value():
+    p = make_predictor("none", 30.0, 0.4)
+    t, x = cos4_breathing(30.0, seconds=20.0)
+    assert np.array_equal(run(p, x), x)
+
+
+def test_zero_horizon_returns_the_current_value():
+    t, x = cos4_breathing(10.0, seconds=40.0)
+    for name in PREDICTORS:
+        assert np.array_equal(run(make_predictor(name, 10.0, 0.0), x), x), name
+
+
+def test_delay_vector_spans_seconds_not_samples():
+    """Rate independence: the same number of taps over the same duration at any rate."""
+    taps = {rate: make_predictor(DEFAULT_PREDICTOR, rate, 0.4).n_taps for rate in (5, 10, 30)}
+    assert len(set(taps.values())) == 1
+    for rate in (5.0, 10.0, 12.5, 25.0, 30.0):
+        dl = make_predictor("ridge", rate, 0.4).dl
+        span_s = dl.edges[-1] / rate
+        assert span_s == pytest.approx(4.0, abs=0.5 / rate + 1e-9)
+
+
+# -- accuracy where the answer is known -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LEARNING)
+@pytest.mark.parametrize("signal", ["sinusoid", "cos4"])
+def test_every_predictor_beats_none_on_a_periodic_signal(name, signal):
+    if signal == "sinusoid":
+        t, x = sinusoid(10.0, noise_mm=0.05)
+    else:
+        t, x = cos4_breathing(10.0)
+    result = evaluate_predictor(t, x, 0.4, name)
+    assert result["relative_rmse"] < 0.8, result
+
+
+def test_the_default_is_rate_independent_on_a_periodic_signal():
+    """The same breathing at 10 Hz and at 30 Hz is predicted about equally well."""
+    rel = {}
+    for rate in (10.0, 30.0):
+        t, x = cos4_breathing(rate, noise_mm=0.05)
+        rel[rate] = evaluate_predictor(t, x, 0.4, DEFAULT_PREDICTOR)["relative_rmse"]
+    assert rel[10.0] < 0.3 and rel[30.0] < 0.3, rel
+    assert abs(rel[10.0] - rel[30.0]) < 0.1, rel
+
+
+# -- safety: finite output, divergence, reset, determinism -----------------------------------
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([1e-3, 1.0, 50.0, 1e4]),
+    offset=st.sampled_from([0.0, -490.0, 1e5]),
+    kind=st.sampled_from(["noise", "walk", "steps", "breathing"]),
+)
+def test_finite_input_gives_finite_output(seed, scale, offset, kind):
+    rng = np.random.default_rng(seed)
+    n = 300  # 30 s at 10 Hz: past the delay-line fill and the learning gate
+    if kind == "noise":
+        x = rng.normal(0.0, 1.0, n)
+    elif kind == "walk":
+        x = np.cumsum(rng.normal(0.0, 1.0, n))
+    elif kind == "steps":
+        x = np.repeat(rng.normal(0.0, 1.0, n // 20), 20)
+    else:
+        x = cos4_breathing(10.0, seconds=30.0, seed=seed)[1] + 490.0
+    x = offset + scale * x
+    for name in PREDICTORS:
+        y = run(make_predictor(name, 10.0, 0.4), x)
+        assert np.isfinite(y).all(), name
+
+
+def test_constant_signal_is_predicted_exactly():
+    for name in PREDICTORS:
+        y = run(make_predictor(name, 10.0, 0.4), np.full(400, 3.25))
+        assert np.all(y == 3.25), name
+
+
+@pytest.mark.parametrize("name", PREDICTORS)
+def test_nan_sample_is_refused(name):
+    p = make_predictor(name, 10.0, 0.4)
+    p.step(1.0)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError):
+            p.step(bad)
+
+
+@pytest.mark.parametrize("name", PREDICTORS)
+def test_diverged_is_false_on_normal_data(name):
+    p = make_predictor(name, 10.0, 0.4)
+    t, x = cos4_breathing(10.0)
+    for v in x:
+        p.step(float(v))
+        assert not p.diverged
+
+
+@pytest.mark.parametrize("name", PREDICTORS)
+def test_huge_input_latches_diverged_until_reset(name):
+    p = make_predictor(name, 10.0, 0.4)
+    t, x = cos4_breathing(10.0, seconds=30.0)
+    run(p, x)
+    assert not p.diverged
+    assert p.step(1e12) == 1e12  # a diverged predictor returns the current value
+    assert p.diverged
+    assert p.step(float(x[-1])) == float(x[-1])
+    assert p.diverged  # latched: the caller holds the beam and resets
+    p.reset()
+    assert not p.diverged
+    # and after reset() it behaves exactly as a new predictor
+    fresh = make_predictor(name, 10.0, 0.4)
+    assert np.array_equal(run(p, x), run(fresh, x))
+
+
+@pytest.mark.parametrize("name", LEARNING)
+def test_non_finite_state_sets_diverged_and_reset_clears_it(name):
+    p = make_predictor(name, 10.0, 0.4)
+    t, x = cos4_breathing(10.0, seconds=40.0)
+    run(p, x[:300])
+    assert p.ready and not p.diverged
+    for learner in p._learners:  # force a non-finite internal state
+        for attribute in ("w", "R", "r", "fut"):
+            if hasattr(learner, attribute):
+                getattr(learner, attribute)[:] = np.nan
+    y = p.step(float(x[300]))
+    assert p.diverged
+    assert y == float(x[300])  # never NaN out: the current value
+    p.reset()
+    assert not p.diverged and not p.ready
+    assert np.isfinite(run(p, x)).all()
+
+
+def test_exploding_error_sets_diverged():
+    """A model that predicts far worse than no prediction trips the monitor."""
+    p = make_predictor("ridge", 10.0, 0.4)
+    t, x = cos4_breathing(10.0, seconds=40.0)
+    run(p, x[:200])
+    p._ridge.w[:] = 0.0
+    p._ridge.w[-1] = 50.0  # a constant +50 mm increment: finite, but absurd
+    p._ridge.refit_ticks = 10**9  # keep the broken weights
+    for v in x[200:]:
+        p.step(float(v))
+        if p.diverged:
+            break
+    assert p.diverged
+
+
+@pytest.mark.parametrize("name", PREDICTORS)
+def test_deterministic(name):
+    t, x = cos4_breathing(30.0, seconds=30.0)
+    a = run(make_predictor(name, 30.0, 0.4), x)
+    b = run(make_predictor(name, 30.0, 0.4), x)
+    assert np.array_equal(a, b)
+
+
+# -- evaluate_predictor: definitions checked where the answer is known ------------------------
+
+
+class _RampExtrapolator:
+    """Exact on a linear ramp: x[n] + H * (x[n] - x[n-1])."""
+
+    name = "ramp"
+
+    def __init__(self, rate_hz, horizon_s):
+        self.horizon_s = horizon_s
+        self.H = horizon_samples(rate_hz, horizon_s)
+        self.reset()
+
+    def step(self, value):
+        prev, self._prev = self._prev, value
+        return value if prev is None else value + self.H * (value - prev)
+
+    def reset(self):
+        self._prev = None
+
+    @property
+    def diverged(self):
+        return False
+
+
+def test_evaluate_none_has_relative_rmse_exactly_one():
+    t, x = cos4_breathing(10.0, seconds=60.0)
+    result = evaluate_predictor(t, x, 0.4, "none")
+    assert result["relative_rmse"] == 1.0
+    H = 4
+    i = np.arange(300, x.size - H)  # 30 s warm-up at 10 Hz
+    expected = np.sqrt(np.mean((x[i] - x[i + H]) ** 2))
+    assert result["rmse_mm"] == pytest.approx(expected, rel=1e-12)
+    assert result["n_scored"] == i.size
+    assert result["horizon_samples"] == H
+    assert result["rate_hz"] == pytest.approx(10.0)
+
+
+def test_evaluate_on_a_ramp(monkeypatch):
+    monkeypatch.setitem(PREDICTORS, "ramp", _RampExtrapolator)
+    t = np.arange(0.0, 60.0, 0.1)
+    x = 0.25 * np.arange(t.size)  # 2.5 mm/s, exact in binary
+    exact = evaluate_predictor(t, x, 0.4, "ramp")
+    assert exact["rmse_mm"] == 0.0
+    assert exact["p95_mm"] == 0.0
+    assert exact["relative_rmse"] == 0.0
+    assert exact["jitter_mm"] == 0.25  # the prediction moves with the ramp
+    lagging = evaluate_predictor(t, x, 0.4, "none")
+    assert lagging["rmse_mm"] == 1.0  # 4 samples x 0.25 mm behind
+    assert lagging["p95_mm"] == 1.0
+    assert lagging["jitter_mm"] == 0.25
+
+
+def test_evaluate_skips_and_resets_across_nan_sections(monkeypatch):
+    monkeypatch.setitem(PREDICTORS, "ramp", _RampExtrapolator)
+    t = np.arange(0.0, 60.0, 0.1)
+    x = 0.25 * np.arange(t.size)
+    x[400:410] = np.nan
+    x[500] = np.nan
+    result = evaluate_predictor(t, x, 0.4, "ramp")
+    assert result["n_resets"] == 2
+    # each reset costs the extrapolator one sample (prediction = current value), and a
+    # pair n -> n+4 is skipped when any of x[n..n+4] is NaN
+    i = np.arange(300, t.size - 4)
+    window_clean = np.array([np.isfinite(x[k : k + 5]).all() for k in i])
+    assert result["n_scored"] == int(window_clean.sum())
+    assert result["rmse_mm"] > 0.0  # the two first samples after each reset lag the ramp
+    assert np.isfinite(result["relative_rmse"])
+
+
+def test_evaluate_refuses_a_trace_shorter_than_the_warm_up():
+    t, x = cos4_breathing(10.0, seconds=20.0)
+    with pytest.raises(ValueError, match="warm-up"):
+        evaluate_predictor(t, x, 0.4, "none")
+
+
+def test_evaluate_reports_compute_time():
+    t, x = cos4_breathing(30.0, seconds=40.0)
+    result = evaluate_predictor(t, x, 0.4, DEFAULT_PREDICTOR)
+    assert result["mean_us_per_sample"] > 0.0
+    assert result["p99_us_per_sample"] >= result["mean_us_per_sample"] * 0.5
+    assert result["n_diverged"] == 0
+
+
+# -- real data ---------------------------------------------------------------------------------
+
+
+@pytest.mark.data
+def test_default_beats_nlms_on_a_lark_liver_trace():
+    path = shared_data("interact-paired-internal-external", "LARK_liver", "1.Mean_motion_1_092.txt")
+    import motionctl.traces as traces
+
+    trace = traces.read_trace(path)
+    if hasattr(traces, "breathing_signal"):
+        t, x = traces.breathing_signal(trace)
+    else:
+        t, x = trace.t_s, trace.values[:, 1]  # SI = y
+    default = evaluate_predictor(t, x, 0.4, DEFAULT_PREDICTOR)
+    nlms = evaluate_predictor(t, x, 0.4, "nlms")
+    assert default["relative_rmse"] < nlms["relative_rmse"]
+    assert default["relative_rmse"] < 0.6
