@@ -225,4 +225,5 @@ def test_bad_messages_are_reported_and_dropped_and_lost_framing_reconnects():
     assert "non-finite" in malformed[1]
     assert "header" in malformed[2]
     assert any(isinstance(i, DeviceEvent) and i.kind == "disconnected" for i in items)
-    assert driver.counts["malformed"] == 3 and driver.counts["connects"] == 2
+    assert driver.counts["malformed"] == 3
+    assert driver.counts["connects"] >= 2  # a third may sneak in before the driver stops
