@@ -489,6 +489,14 @@ class BeamInterface:
         with self._lock:
             return self._fault_locked(self._clock())
 
+    def ack_deadline(self) -> float | None:
+        """When the oldest unacknowledged message times out (clock time), or None: lets the
+        controller wake exactly then instead of finding out at its next decision."""
+        with self._lock:
+            if not self._outstanding:
+                return None
+            return min(sent.t_sent for sent in self._outstanding.values()) + self._ack_timeout_s
+
     def stats(self) -> dict:
         """Counters: sent, acks, naks, malformed, lost, unmatched; last_rtt_s, max_rtt_s."""
         with self._lock:

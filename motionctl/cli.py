@@ -43,6 +43,25 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _fault_arg(text: str):
+    from motionctl.simulators.faults import parse_fault
+
+    try:
+        return parse_fault(text)
+    except ValueError as exc:  # argparse would otherwise print only "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_fault_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fault", action="append", default=[], type=_fault_arg,
+        metavar="DEVICE:KIND@START[+DURATION]",
+        help="inject a fault into a simulated device, seconds from session start "
+        "(repeatable), e.g. surface:freeze@10+2; KIND: disconnect, freeze, garbage, delay, "
+        "reorder, nan, jump, clock-skew",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="motionctl",
@@ -68,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="session log to write (default: new file in session.sessions_dir)",
     )
     sim.add_argument("--json", action="store_true", help="end with a JSON summary on stdout")
+    _add_fault_option(sim)
 
     rig = sub.add_parser(
         "rig",
@@ -77,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(rig)
     rig.add_argument("--seconds", type=float, help="stop by itself after N seconds")
+    _add_fault_option(rig)
 
     run = sub.add_parser(
         "run",
@@ -185,15 +206,23 @@ def _stop_event_on_signals() -> threading.Event:
 
 
 def _rig(args: argparse.Namespace) -> int:
+    from motionctl.simulators.faults import FaultSchedule
     from motionctl.simulators.rig import Rig
 
     cfg = load_config(args.config, args.overrides)
     stop = _stop_event_on_signals()
-    with Rig(cfg) as rig:
-        for name, address in rig.addresses().items():
-            print(f"{name}: {address}", flush=True)
-        print("rig running; Ctrl-C stops it", file=sys.stderr, flush=True)
-        stop.wait(args.seconds)
+    rig = Rig(cfg)
+    schedule = FaultSchedule(args.fault, rig.fault_targets())  # refuses bad faults first
+    with rig:
+        schedule.t0 = rig.t0
+        schedule.start()
+        try:
+            for name, address in rig.addresses().items():
+                print(f"{name}: {address}", flush=True)
+            print("rig running; Ctrl-C stops it", file=sys.stderr, flush=True)
+            stop.wait(args.seconds)
+        finally:
+            schedule.stop()
     return 0
 
 
@@ -206,12 +235,15 @@ def _session(args: argparse.Namespace) -> int:
     from motionctl.controller import Controller
 
     cfg = load_config(args.config, args.overrides)
-    rig = None
+    rig = schedule = None
     if args.command == "sim":
+        from motionctl.simulators.faults import FaultSchedule
         from motionctl.simulators.rig import Rig
 
         rig = Rig(cfg)
+        schedule = FaultSchedule(args.fault, rig.fault_targets())  # refuses bad faults first
         rig.start()
+        schedule.t0 = rig.t0
         surface_address = rig.surface.address
         beam_url = rig.linac.path
         spirometer_url = rig.spirometer.path
@@ -250,24 +282,51 @@ def _session(args: argparse.Namespace) -> int:
             spirometer_url=spirometer_url,
         )
         controller.start()
+        if schedule is not None:
+            schedule.start()
         _supervise(controller, stop, args.seconds, enable_after, operator, cfg)
     finally:
+        if schedule is not None:
+            schedule.stop()
         if controller is not None:
             controller.stop()
+        faults = []
         if rig is not None:
             rig.stop()
             if writer is not None:
-                # The simulated linac's own record of what the beam did: a separate channel.
-                for t, beam_on in rig.linac.edges():
-                    writer.add("beam_edges", (t - writer.t0, int(beam_on), "linac_sim"))
+                faults = _record_rig(rig, schedule, writer)
         if writer is not None:
             writer.close()
     summary = summarize(log_path)
+    if rig is not None:
+        summary["faults"] = faults
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(_format_summary(summary), file=sys.stderr)
     return 0
+
+
+def _record_rig(rig, schedule, writer: SessionLogWriter) -> list[dict]:
+    """Write the simulated linac's own record of beam edges (a separate channel) and the
+    injected faults into the log; return the commissioning figures of each fault."""
+    from motionctl.qa import fault_outcome
+
+    edges = [(t - writer.t0, on) for t, on in rig.linac.edges()]
+    for t, beam_on in edges:
+        writer.add("beam_edges", (t, int(beam_on), "linac_sim"))
+    shift = rig.t0 - writer.t0  # schedule times are from the rig's start
+    end = max([t for t, _ in edges] + [time.monotonic() - writer.t0])
+    faults = []
+    for fault in schedule.applied:
+        start_s = fault.start_s + shift
+        end_s = None if fault.end_s is None else fault.end_s + shift
+        entry = {"device": fault.device, "kind": fault.kind, "start_s": round(start_s, 4),
+                 "end_s": None if end_s is None else round(end_s, 4)}
+        entry |= fault_outcome(start_s, end_s, edges, end)
+        writer.add("events", (start_s, "rig", "fault", json.dumps(entry)))
+        faults.append(entry)
+    return faults
 
 
 def _supervise(

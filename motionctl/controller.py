@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -160,7 +161,8 @@ class Controller:
                 self._send_to_beam(self.beam.heartbeat)
                 next_heartbeat = now + self._heartbeat_period_s
             stale_at = self.core.next_deadline(self.session_t(now)) + self.t0
-            deadline = min(next_heartbeat, stale_at)
+            ack_at = self.beam.ack_deadline()
+            deadline = min(next_heartbeat, stale_at, math.inf if ack_at is None else ack_at)
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - self._clock()))
             except queue.Empty:

@@ -56,6 +56,7 @@ class EstimatorSettings:
     use_prior: bool = True
     prior_uncertainty_mm: float = 2.0
     fiducial_tolerance_mm: float = 3.0
+    max_target_mm: float = 60.0  # an estimate further from the isocentre is not physical
     error_time_constant_s: float = 10.0  # averaging of the predictor's recent error
 
 
@@ -131,6 +132,9 @@ class MotionEstimator:
             model_sigma = math.nan
             self.last_model = "none"
 
+        if any(abs(v) > self.s.max_target_mm for v in (*position, *ahead)):
+            reasons.append("target_out_of_range")
+        reasons.extend(r for r in state.reasons if r == "surrogate_jump")
         prediction_sigma = self._score_prediction(position, ahead)
         if self._fiducial_reason is not None:
             reasons.append(self._fiducial_reason)

@@ -57,3 +57,29 @@ def edge_latencies(
             raise EdgeMismatch(f"edge {i} at {t_edge:.3f} s is {on_edge}, expected {on_exp}")
         latencies.append(t_edge - t_exp)
     return latencies
+
+
+def fault_outcome(
+    start_s: float, end_s: float | None, edges: Sequence[tuple[float, bool]], session_end_s: float
+) -> dict:
+    """How the beam answered one injected fault, from the linac's own record of edges.
+
+    ``hold_latency_ms``: fault start -> the first beam-off edge (0 if the beam was already
+    off at the start; None if it was never held while the fault lasted).
+    ``beam_on_edges_during``: beam-on edges while the fault was active.
+    """
+    end = session_end_s if end_s is None else end_s
+    on_at_start = False
+    for t, on in edges:
+        if t > start_s:
+            break
+        on_at_start = on
+    latency = 0.0 if not on_at_start else None
+    if on_at_start:
+        off = [t for t, on in edges if not on and start_s <= t <= end]
+        latency = (off[0] - start_s) * 1e3 if off else None
+    on_edges = sum(1 for t, on in edges if on and start_s <= t <= end)
+    return {
+        "hold_latency_ms": None if latency is None else round(latency, 3),
+        "beam_on_edges_during": on_edges,
+    }

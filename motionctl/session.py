@@ -39,6 +39,8 @@ Record = Callable[[str, tuple], None]
 _ESTIMATE_INTERLOCKS = {
     "surrogate_not_finite": "not_finite",
     "surrogate_out_of_range": "out_of_range",
+    "surrogate_jump": "out_of_range",
+    "target_out_of_range": "out_of_range",
     "time_not_finite": "not_finite",
     "predictor_diverged": "predictor_diverged",
     "correlation_model_invalid": "correlation_model_invalid",
@@ -46,6 +48,10 @@ _ESTIMATE_INTERLOCKS = {
 }
 _PER_SAMPLE_INTERLOCKS = sorted(set(_ESTIMATE_INTERLOCKS.values()) | {"estimate_invalid"})
 _DEVICE_SUBJECT = ("not_finite", "out_of_range")
+
+# How far a device's clock may move against ours before its timestamps are distrusted
+# (transport jitter is milliseconds; a stepped or skewed device clock is much more).
+CLOCK_SKEW_TOLERANCE_S = 0.25
 
 OPERATOR_COMMANDS = (
     "enable",
@@ -107,6 +113,7 @@ class SessionCore:
         self._estimate: MotionEstimate | None = None
         self._volume_l = math.nan
         self._last_t_device: dict[str, float] = {}
+        self._clock_offset: dict[str, float] = {}  # device clock - session clock, per device
         self._last_decision: GateDecision | None = None
 
     # -- inputs ---------------------------------------------------------------------------
@@ -285,12 +292,26 @@ class SessionCore:
         st.last_rx[device] = t
 
     def _check_device_clock(self, device: str, t: float, t_device: float) -> None:
-        # A device clock that goes back means its timestamps (and maybe its data) are wrong.
+        # A device clock that goes back, or jumps away from ours, means its timestamps (and
+        # maybe its data) cannot be trusted.
         last = self._last_t_device.get(device)
         backwards = last is not None and t_device < last
         detail = f"device time {t_device:.3f} after {last:.3f}" if backwards else ""
         self._interlock(t, "clock_backwards", device, backwards, detail)
         self._last_t_device[device] = t_device
+        offset = t_device - t
+        reference = self._clock_offset.get(device)
+        if reference is None:
+            self._clock_offset[device] = offset
+            return
+        skew = offset - reference
+        skewed = abs(skew) > CLOCK_SKEW_TOLERANCE_S
+        if not skewed:
+            # Follow the slow drift between the two clocks; a step never moves the reference.
+            self._clock_offset[device] = reference + 0.01 * skew
+        self._interlock(
+            t, "clock_skew", device, skewed, f"device clock {skew:+.3f} s off" if skewed else ""
+        )
 
     def _report_estimate(self, t: float, estimate: MotionEstimate) -> None:
         present: dict[str, str] = {}

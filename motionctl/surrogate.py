@@ -34,6 +34,7 @@ class SurrogateParams:
     spike_window: int = 7  # samples in the Hampel median
     spike_threshold: float = 4.0  # robust standard deviations
     spike_floor_mm: float = 1.0  # never call a deviation below this a spike
+    jump_mm: float = 5.0  # a spike this large is a jump no breath makes in one sample
     turn_fraction: float = 0.25  # of the recent amplitude, to confirm a turning point
     turn_floor_mm: float = 0.5  # minimum excursion for a turning point
     cycles_for_baseline: int = 3
@@ -133,6 +134,8 @@ class SurrogateProcessor:
         limit = max(self.p.spike_threshold * 1.4826 * mad, self.p.spike_floor_mm)
         if abs(value - median) > limit:
             reasons.append("spike_replaced")
+            if abs(value - median) > self.p.jump_mm:
+                reasons.append("surrogate_jump")
             return median
         return value
 

@@ -12,7 +12,28 @@ that it checks the driver rather than sharing its mistakes:
 * records every beam-on/off edge with the (injected) clock time at which the state changed,
   so that tests and the rig can measure gating latency and duty cycle from the box's side;
 * can be told to stop answering (``set_acks_enabled(False)``) to exercise the host's
-  ack-timeout path; the beam logic keeps running.
+  ack-timeout path; the beam logic keeps running;
+* records every reply it wrote in ``sent`` (``SentReply``: monotonic send time, the bytes,
+  the fault that shaped them);
+* takes runtime faults (``start_fault(kind)`` / ``stop_fault(kind)``; ``supported_faults``):
+
+  ============  ============================================================================
+  disconnect    the host link is lost (a pulled cable): the box holds the beam at once (as
+                a real box does when it loses the host: it sees the handshake line drop
+                and does not wait for its watchdog), reads nothing (what the host sends is
+                lost, a half line included) and answers nothing. When the link is back
+                the beam stays off until a new ON.
+  freeze        the box stops answering but keeps its state: it goes on acting on ON/OFF/HB
+                (the watchdog is fed), its replies are lost.
+  garbage       every reply is replaced by random bytes of its length, the last a newline
+                (the host sees one malformed line per reply, and no ACK).
+  delay         every reply is written ``fault_delay_s`` (0.3 s: beyond the host's 0.1 s
+                ack timeout) after it was due, in order; when the fault ends the backlog is
+                written at once.
+  ============  ============================================================================
+
+  ``reorder``, ``nan``, ``jump`` and ``clock-skew`` are not supported: the box sends no
+  stream of readings, values or timestamps for them to act on.
 
 What it does NOT model:
 
@@ -21,7 +42,8 @@ What it does NOT model:
 * the electrical gate signal (TTL or relay timing, bounce) and the serial line itself: a pty
   delivers bytes at once, whatever the baud rate, with no noise or lost bytes;
 * modem control lines, flow control and more than one host on the line;
-* the box's own failures (reboot, stuck relay, firmware faults), apart from the ACK switch;
+* the box's own failures (reboot, stuck relay, firmware faults), apart from the ACK switch
+  and the faults above;
 * the linac console's own interlocks and the operator's beam-on key;
 * drift between the box's clock and the host's (both use the injected clock).
 """
@@ -30,11 +52,15 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import select
 import threading
 import time
 import tty
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from motionctl.simulators.faults import WireQueue, fault_label, noise_line, unsupported_fault
 
 MAX_LINE_BYTES = 80
 SEQ_MODULO = 65536
@@ -42,6 +68,8 @@ COMMANDS = ("ON", "OFF", "HB")
 READ_CHUNK_BYTES = 4096
 IDLE_WAIT_S = 1.0  # stop() wakes the thread through a pipe; this bound is only a backstop
 JOIN_TIMEOUT_S = 2.0
+FAULT_DELAY_S = 0.3
+SUPPORTED_FAULTS = ("disconnect", "freeze", "garbage", "delay")
 
 _HEX_UPPER = frozenset(b"0123456789ABCDEF")
 
@@ -96,8 +124,19 @@ def _parse_command(line: bytes) -> tuple[str, int]:
     return fields[0], seq
 
 
+@dataclass(frozen=True, slots=True)
+class SentReply:
+    """One reply as written to the pty (for ``garbage``: the noise written in its place)."""
+
+    t_sent: float  # the box's clock just before the write
+    data: bytes
+    fault: str | None = None  # the fault kinds that shaped it ("delay", "garbage+delay")
+
+
 class LinacGatingSim:
     """Simulated linac gating interface box on a pty."""
+
+    supported_faults: tuple[str, ...] = SUPPORTED_FAULTS
 
     def __init__(
         self,
@@ -105,6 +144,7 @@ class LinacGatingSim:
         watchdog_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
         name: str = "beam",
+        fault_seed: int = 0,
     ) -> None:
         if watchdog_s <= 0:
             raise ValueError(f"watchdog_s must be positive, got {watchdog_s}")
@@ -124,6 +164,12 @@ class LinacGatingSim:
             "watchdog_trips": 0,
             "replies_dropped": 0,
         }
+        self.sent: list[SentReply] = []
+        self.fault_delay_s = FAULT_DELAY_S  # set it before the fault starts
+        self._faults: set[str] = set()
+        self._wire: WireQueue[SentReply] = WireQueue()  # t_sent filled in when written
+        self._link_epoch = 0  # +1 when the link goes or comes back: drop a half line
+        self._rng = random.Random(fault_seed)
         self._master: int | None = None
         self._slave: int | None = None
         self._wake_r: int | None = None
@@ -185,11 +231,12 @@ class LinacGatingSim:
             with self._cond:
                 # A box that goes away takes the gate signal with it.
                 self._set_beam_locked(False, "simulator stopped")
-        for attr in ("_master", "_slave", "_wake_r", "_wake_w"):
-            fd = getattr(self, attr)
-            if fd is not None:
-                setattr(self, attr, None)
-                os.close(fd)
+        with self._cond:  # a stop_fault() on another thread may be writing a backlog
+            for attr in ("_master", "_slave", "_wake_r", "_wake_w"):
+                fd = getattr(self, attr)
+                if fd is not None:
+                    setattr(self, attr, None)
+                    os.close(fd)
         error, self._error = self._error, None
         if error is not None:
             raise RuntimeError(f"{self._name}: simulator thread failed") from error
@@ -231,6 +278,41 @@ class LinacGatingSim:
             self._acks_enabled = enabled
         self._log.info("replies %s", "enabled" if enabled else "disabled")
 
+    def active_faults(self) -> tuple[str, ...]:
+        with self._cond:
+            return tuple(k for k in SUPPORTED_FAULTS if k in self._faults)
+
+    def start_fault(self, kind: str) -> None:
+        """Start a fault (see the module docstring); thread-safe, idempotent."""
+        if kind not in self.supported_faults:
+            raise unsupported_fault(self._name, kind, self.supported_faults)
+        with self._cond:
+            if kind in self._faults:
+                return
+            self._faults.add(kind)
+            if kind == "disconnect":
+                self._link_epoch += 1
+                self._wire.clear()  # replies not yet written are lost with the link
+                self._set_beam_locked(False, "host link lost (fault: disconnect)")
+        self._log.info("fault %s started", kind)
+
+    def stop_fault(self, kind: str) -> None:
+        """End a fault; thread-safe, idempotent. When it returns, replies held back by
+        ``delay`` have been written."""
+        if kind not in self.supported_faults:
+            raise unsupported_fault(self._name, kind, self.supported_faults)
+        with self._cond:
+            if kind not in self._faults:
+                return
+            self._faults.discard(kind)
+            now = self._clock()
+            if kind == "disconnect":
+                self._link_epoch += 1
+            elif kind == "delay":
+                self._wire.release_all(now)
+                self._write_due_locked(now)
+        self._log.info("fault %s ended", kind)
+
     # -- box thread --------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -245,6 +327,7 @@ class LinacGatingSim:
     def _serve(self) -> None:
         buffer = bytearray()
         discarding = False  # inside an over-long line already NAKed
+        epoch = 0
         while True:
             readable, _, _ = select.select(
                 [self._master, self._wake_r], [], [], self._wait_timeout()
@@ -255,12 +338,20 @@ class LinacGatingSim:
             with self._cond:
                 # Before reading: a message that arrives after the deadline is too late.
                 self._check_watchdog_locked(now)
+                self._write_due_locked(now)
             if self._master not in readable:
                 continue
             try:
                 data = os.read(self._master, READ_CHUNK_BYTES)
             except BlockingIOError:
                 continue  # select() said readable but the bytes are not there yet: wait again
+            with self._cond:
+                if epoch != self._link_epoch:
+                    epoch = self._link_epoch
+                    buffer.clear()  # the link went or came back inside a line
+                    discarding = False
+                if "disconnect" in self._faults:
+                    continue  # the cable is pulled: the host's bytes never arrive
             buffer += data
             while True:
                 end = buffer.find(b"\n")
@@ -280,10 +371,14 @@ class LinacGatingSim:
 
     def _wait_timeout(self) -> float:
         with self._cond:
+            wake_at = self._clock() + IDLE_WAIT_S
             if self._beam_on:
                 # Wake exactly at the watchdog deadline: the trip is on time without polling.
-                return max(0.0, self._deadline - self._clock())
-        return IDLE_WAIT_S
+                wake_at = min(wake_at, self._deadline)
+            due = self._wire.next_due()
+            if due is not None:
+                wake_at = min(wake_at, due)  # a delayed reply goes out on time
+            return max(0.0, wake_at - self._clock())
 
     def _check_watchdog_locked(self, now: float) -> None:
         if self._beam_on and now >= self._deadline:
@@ -292,7 +387,10 @@ class LinacGatingSim:
                 False, f"watchdog: no valid message for {self._watchdog_s * 1e3:.0f} ms"
             )
 
-    def _handle_line(self, line: bytes, now: float) -> bytes:
+    def _handle_line(self, line: bytes, now: float) -> bytes | None:
+        with self._cond:
+            if "disconnect" in self._faults:
+                return None  # read before the link went, but it never arrived
         try:
             command, seq = _parse_command(line)
         except _Rejected as rejected:
@@ -322,16 +420,38 @@ class LinacGatingSim:
         self._cond.notify_all()
         self._log.info("beam %s at %.6f (%s)", "ON" if beam_on else "OFF", t, why)
 
-    def _reply(self, reply: bytes) -> None:
+    def _reply(self, reply: bytes | None) -> None:
+        if reply is None:
+            return
         with self._cond:
-            if not self._acks_enabled:
+            faults = self._faults
+            if not self._acks_enabled or "freeze" in faults or "disconnect" in faults:
                 return
-        try:
-            written = os.write(self._master, reply)
-        except BlockingIOError:
-            written = 0
-        if written < len(reply):
-            # The pty buffer is full: no host is reading. A real box's UART drops too.
-            with self._cond:
+            shaping = faults & {"garbage", "delay"}
+            if "garbage" in faults:
+                reply = noise_line(self._rng, len(reply))
+            now = self._clock()
+            self._wire.push(
+                SentReply(now, reply, fault_label(shaping)),
+                now,
+                delay_s=self.fault_delay_s if "delay" in faults else 0.0,
+            )
+            self._write_due_locked(now)
+
+    def _write_due_locked(self, now: float) -> None:
+        # Written with the lock held (non-blocking writes), so that the end of a delay fault
+        # can flush the backlog from another thread without interleaving bytes.
+        for reply in self._wire.pop_due(now):
+            if self._master is None:
+                continue  # stopped: nothing to write to
+            t_sent = self._clock()
+            try:
+                written = os.write(self._master, reply.data)
+            except BlockingIOError:
+                written = 0
+            if written < len(reply.data):
+                # The pty buffer is full: no host is reading. A real box's UART drops too.
                 self._stats["replies_dropped"] += 1
-            self._log.warning("pty output full; dropped %r", reply[written:])
+                self._log.warning("pty output full; dropped %r", reply.data[written:])
+                continue
+            self.sent.append(SentReply(t_sent, reply.data, reply.fault))

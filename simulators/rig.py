@@ -50,6 +50,10 @@ class Rig:
             raise
         return self.addresses()
 
+    def fault_targets(self) -> dict:
+        """The simulators by their device names in the config, for fault injection."""
+        return {"surface": self.surface, "spirometer": self.spirometer, "beam": self.linac}
+
     def addresses(self) -> dict[str, str]:
         host, port = self.surface.address
         return {

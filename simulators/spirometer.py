@@ -25,7 +25,36 @@ driver rather than sharing its mistakes:
   patient time, the wire values) so tests can count both sides;
 * fault hooks: ``inject(data)`` puts raw bytes on the line between two lines of its own
   (malformed lines, device errors), ``set_streaming(False)`` stops the readings (the
-  device keeps working and answering).
+  device keeps working and answering), and the runtime faults below.
+
+Faults (``start_fault(kind)`` / ``stop_fault(kind)``; all of ``FAULT_KINDS``; several may be
+on together). Line faults (``disconnect``, ``garbage``) hit the cable: the device goes on
+measuring and counting, so the readings they swallow show up as an SPV seq gap afterwards.
+Device faults (``freeze``) stop the device making readings: no gap.
+
+============  ==============================================================================
+disconnect    the cable is pulled. Nothing goes either way: the device writes nothing
+              (readings, STS, replies) and everything the host writes is lost, so commands
+              go unanswered (the driver's ``ack_lost``); a line half received when the
+              cable went is dropped. The pty stays open (a pty cannot be unplugged, and
+              closing the master would end the host's port for good: a real host port
+              survives a pulled cable). Readings keep their seq running, so the host sees a
+              gap of exactly the readings lost when the cable is back.
+freeze        no readings (the measurement stream stalls, seq does not advance); commands
+              are still answered and status changes still reported.
+garbage       each reading is replaced by ``garbage_bytes`` (40) random bytes ending in one
+              newline (line noise: one bad line per reading); replies and STS are intact.
+delay         each reading is written ``fault_delay_s`` (0.3 s) after it was measured (its
+              t_ms is the measurement time), in order; replies and STS are not delayed. When
+              the fault ends the backlog is written at once.
+reorder       consecutive readings swap pairwise (seq 1, 0, 3, 2, ...).
+nan           the volume and flow fields read ``nan``: a framed line with a good checksum
+              whose numbers are not integers (the driver reports malformed ``number``).
+jump          the volume reads ``jump_ml`` (+3000 ml) high for the duration (flow is
+              untouched: a sensor glitch, not air); still inside the wire's range.
+clock-skew    the device clock (``t_ms`` of SPV and STS) is ``clock_skew_s`` (2 s) behind for
+              the duration, modulo 2**32 as the wire clock wraps.
+============  ==============================================================================
 
 What it does NOT model:
 
@@ -48,7 +77,10 @@ What it does NOT model:
   ``stats()["dropped"]`` (a line cut short there reaches the host as one malformed line);
 * device faults (``STS,...,ERROR``) other than by ``inject()``, a maximum hold time, more
   than one host, and drift between the device's millisecond clock and the host's (both
-  come from the injected clock; ``t_ms`` counts from ``start()``).
+  come from the injected clock; ``t_ms`` counts from ``start()``) other than the
+  ``clock-skew`` fault's step;
+* noise on the host-to-device direction (``garbage`` is one-way), and the modem lines a
+  pulled cable would drop (the host learns of ``disconnect`` only from the silence).
 """
 
 from __future__ import annotations
@@ -63,7 +95,15 @@ import threading
 import time
 import tty
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from motionctl.simulators.faults import (
+    FAULT_KINDS,
+    WireQueue,
+    fault_label,
+    noise_line,
+    unsupported_fault,
+)
 
 MAX_LINE_BYTES = 80
 SEQ_MODULO = 65536
@@ -72,6 +112,11 @@ LEVEL_ML_RANGE = (0, 8000)
 COMMAND_FIELDS = {"VALVE": 3, "LEVEL": 3, "ZERO": 2}
 READ_CHUNK_BYTES = 4096
 JOIN_TIMEOUT_S = 2.0
+FAULT_DELAY_S = 0.3
+GARBAGE_BYTES = 40  # under MAX_LINE_BYTES: one noise line is one bad line at the host
+JUMP_ML = 3000
+CLOCK_SKEW_S = 2.0
+_TRANSPORT_KINDS = frozenset({"delay", "reorder"})
 
 _HEX_UPPER = frozenset(b"0123456789ABCDEF")
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,9})")
@@ -147,15 +192,22 @@ class Measurement:
 
 @dataclass(frozen=True, slots=True)
 class SentReading:
-    """One SPV line as written to the pty."""
+    """One SPV line as written to the pty (or the noise written in its place).
+
+    ``fault`` names the fault kinds that shaped it ("nan", "jump+delay", ...). The values
+    are what the device put in the line: None where the line said ``nan``; for ``garbage``
+    they are what the device measured, and the wire carried noise instead.
+    """
 
     seq: int
     t_sent: float  # the simulator's clock (monotonic by default) just before the write
-    patient_t: float  # patient-model time of the reading
-    volume_ml: int
-    flow_ml_s: int
+    patient_t: float  # patient-model time of the reading (when it was measured)
+    volume_ml: int | None
+    flow_ml_s: int | None
     valve_closed: bool
     level_ml: int
+    t_ms: int = 0  # the device clock in the line
+    fault: str | None = None
 
 
 class BreathHoldModel:
@@ -266,6 +318,15 @@ class BreathHoldModel:
         return [("ZEROED", str(round(reading)))]
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A reading made but perhaps not yet written (delay, reorder)."""
+
+    data: bytes
+    record: SentReading  # t_sent filled in when written
+    garbage: bool
+
+
 class SpirometerSim:
     """Simulated breath-hold spirometer on a pty, driven by ``patient.state(t)``.
 
@@ -273,6 +334,8 @@ class SpirometerSim:
     passes its shared patient clock). The clock must advance in real time: it paces the
     readings.
     """
+
+    supported_faults: tuple[str, ...] = FAULT_KINDS
 
     def __init__(
         self,
@@ -311,7 +374,24 @@ class SpirometerSim:
         self._seq = 0
         self._streaming = True
         self._injected: list[bytes] = []
-        self._stats = {"readings": 0, "status": 0, "commands": 0, "rejected": 0, "dropped": 0}
+        self._stats = {
+            "readings": 0,
+            "status": 0,
+            "commands": 0,
+            "rejected": 0,
+            "dropped": 0,
+            "garbage": 0,
+            "lost_on_line": 0,
+        }
+        # Fault parameters: set them before the fault starts.
+        self.fault_delay_s = FAULT_DELAY_S
+        self.garbage_bytes = GARBAGE_BYTES
+        self.jump_ml = JUMP_ML
+        self.clock_skew_s = CLOCK_SKEW_S
+        self._faults: set[str] = set()
+        self._wire: WireQueue[_Pending] = WireQueue()
+        self._line_epoch = 0  # +1 when the cable goes or comes back: drop a half line
+        self._fault_rng = random.Random(seed + 1)
         self._t_boot = 0.0
         self._master: int | None = None
         self._slave: int | None = None
@@ -374,11 +454,12 @@ class SpirometerSim:
             if thread.is_alive():
                 raise RuntimeError(f"{self._name}: simulator thread did not stop")
             self._thread = None
-        for attr in ("_master", "_slave", "_wake_r", "_wake_w"):
-            fd = getattr(self, attr)
-            if fd is not None:
-                setattr(self, attr, None)
-                os.close(fd)
+        with self._cond:  # a stop_fault() on another thread may be writing a backlog
+            for attr in ("_master", "_slave", "_wake_r", "_wake_w"):
+                fd = getattr(self, attr)
+                if fd is not None:
+                    setattr(self, attr, None)
+                    os.close(fd)
         error, self._error = self._error, None
         if error is not None:
             raise RuntimeError(f"{self._name}: simulator thread failed") from error
@@ -399,7 +480,8 @@ class SpirometerSim:
 
     def stats(self) -> dict:
         """readings (SPV written), status (STS written), commands (ACKed), rejected (NAKed),
-        dropped (lines the full pty buffer did not take)."""
+        dropped (lines the full pty buffer did not take), garbage (noise lines written in
+        place of readings), lost_on_line (readings made while the cable was pulled)."""
         with self._cond:
             return dict(self._stats)
 
@@ -417,6 +499,43 @@ class SpirometerSim:
         with self._cond:
             self._injected.append(bytes(data))
 
+    def active_faults(self) -> tuple[str, ...]:
+        with self._cond:
+            return tuple(k for k in FAULT_KINDS if k in self._faults)
+
+    def start_fault(self, kind: str) -> None:
+        """Start a fault (see the module docstring); thread-safe, idempotent."""
+        if kind not in self.supported_faults:
+            raise unsupported_fault(self._name, kind, self.supported_faults)
+        with self._cond:
+            if kind in self._faults:
+                return
+            self._faults.add(kind)
+            if kind == "disconnect":
+                self._line_epoch += 1
+                self._stats["lost_on_line"] += len(self._wire)
+                self._wire.clear()
+        self._log.info("fault %s started", kind)
+
+    def stop_fault(self, kind: str) -> None:
+        """End a fault; thread-safe, idempotent. When it returns, a backlog held by
+        ``delay`` or ``reorder`` has been written."""
+        if kind not in self.supported_faults:
+            raise unsupported_fault(self._name, kind, self.supported_faults)
+        with self._cond:
+            if kind not in self._faults:
+                return
+            self._faults.discard(kind)
+            now = self._clock()
+            if kind == "disconnect":
+                self._line_epoch += 1
+            elif kind == "reorder":
+                self._wire.release_held()
+            elif kind == "delay":
+                self._wire.release_all(now)
+            self._write_due_locked(now)
+        self._log.info("fault %s ended", kind)
+
     # -- device thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -430,8 +549,14 @@ class SpirometerSim:
         buffer = bytearray()
         discarding = False  # inside an over-long line already NAKed
         next_tick = self._clock()
+        epoch = 0
         while True:
-            timeout = max(0.0, next_tick - self._clock())
+            with self._cond:
+                wake_at = next_tick
+                due = self._wire.next_due()
+                if due is not None:
+                    wake_at = min(wake_at, due)
+            timeout = max(0.0, wake_at - self._clock())
             readable, _, _ = select.select([self._master, self._wake_r], [], [], timeout)
             if self._wake_r in readable:
                 return
@@ -440,6 +565,13 @@ class SpirometerSim:
                     data = os.read(self._master, READ_CHUNK_BYTES)
                 except BlockingIOError:
                     data = b""  # select() said readable but the bytes are not there yet
+                with self._cond:
+                    if epoch != self._line_epoch:
+                        epoch = self._line_epoch
+                        buffer.clear()  # the cable went or came back inside a line
+                        discarding = False
+                    if "disconnect" in self._faults:
+                        data = b""  # the cable is pulled: the host's bytes go nowhere
                 buffer += data
                 while True:
                     end = buffer.find(b"\n")
@@ -462,49 +594,93 @@ class SpirometerSim:
                 next_tick += self._period_s
                 if next_tick < now:
                     next_tick = now + self._period_s  # fell behind (loaded machine): skip
+            else:
+                with self._cond:
+                    self._write_due_locked(now)
 
     def _patient_t(self, now: float) -> float:
         return max(0.0, now - self.t0)
 
-    def _t_ms(self, now: float) -> int:
-        return int((now - self._t_boot) * 1e3) % T_MS_MODULO
+    def _t_ms_locked(self, now: float) -> int:
+        skew_s = self.clock_skew_s if "clock-skew" in self._faults else 0.0
+        return int((now - self._t_boot - skew_s) * 1e3) % T_MS_MODULO
 
     def _tick(self, now: float) -> None:
         patient_t = self._patient_t(now)
-        t_ms = self._t_ms(now)
         with self._cond:
-            for data in self._injected:
-                self._write_locked(data)
+            t_ms = self._t_ms_locked(now)
+            faults = set(self._faults)
+            line_down = "disconnect" in faults
+            if not line_down:
+                for data in self._injected:
+                    self._write_locked(data)
             self._injected.clear()
             measurement, changes = self.model.step(patient_t)
-            self._write_status_locked(t_ms, changes)
-            if not self._streaming:
+            if line_down:
+                for event, arg in changes:
+                    self._log.info("status %s,%s lost: the cable is pulled", event, arg)
+            else:
+                self._write_status_locked(t_ms, changes)
+            if not self._streaming or "freeze" in faults:
+                self._write_due_locked(now)
                 return
             seq, self._seq = self._seq, (self._seq + 1) % SEQ_MODULO
+            if line_down:
+                self._stats["lost_on_line"] += 1
+                return
             m = measurement
-            line = _frame(
-                f"SPV,{seq},{t_ms},{m.volume_ml},{m.flow_ml_s},"
-                f"{'C' if m.valve_closed else 'O'},{m.level_ml}"
-            )
-            t_sent = self._clock()  # before the write: the host may act before it returns
-            if self._write_locked(line):
-                self._stats["readings"] += 1
-                self.sent.append(
-                    SentReading(
-                        seq,
-                        t_sent,
-                        patient_t,
-                        m.volume_ml,
-                        m.flow_ml_s,
-                        m.valve_closed,
-                        m.level_ml,
-                    )
+            volume_ml = m.volume_ml + (self.jump_ml if "jump" in faults else 0)
+            flow_ml_s = m.flow_ml_s
+            shaping = faults & _TRANSPORT_KINDS
+            if "garbage" in faults:
+                data = noise_line(self._fault_rng, self.garbage_bytes)
+                shaping.add("garbage")
+            elif "nan" in faults:
+                data = _frame(
+                    f"SPV,{seq},{t_ms},nan,nan,{'C' if m.valve_closed else 'O'},{m.level_ml}"
                 )
+                volume_ml = flow_ml_s = None
+                shaping |= faults & {"nan", "clock-skew"}
+            else:
+                data = _frame(
+                    f"SPV,{seq},{t_ms},{volume_ml},{flow_ml_s},"
+                    f"{'C' if m.valve_closed else 'O'},{m.level_ml}"
+                )
+                shaping |= faults & {"jump", "clock-skew"}
+            record = SentReading(
+                seq,
+                math.nan,
+                patient_t,
+                volume_ml,
+                flow_ml_s,
+                m.valve_closed,
+                m.level_ml,
+                t_ms,
+                fault_label(shaping),
+            )
+            self._wire.push(
+                _Pending(data, record, "garbage" in shaping),
+                now,
+                delay_s=self.fault_delay_s if "delay" in faults else 0.0,
+                reorder="reorder" in faults,
+            )
+            self._write_due_locked(now)
+
+    def _write_due_locked(self, now: float) -> None:
+        for pending in self._wire.pop_due(now):
+            if self._master is None:
+                continue  # stopped: nothing to write to
+            t_sent = self._clock()  # before the write: the host may act before it returns
+            if self._write_locked(pending.data):
+                self._stats["garbage" if pending.garbage else "readings"] += 1
+                self.sent.append(replace(pending.record, t_sent=t_sent))
 
     def _handle_line(self, line: bytes) -> None:
         now = self._clock()
         patient_t = self._patient_t(now)
         with self._cond:
+            if "disconnect" in self._faults:
+                return  # read before the cable went, but it never arrived
             try:
                 command, seq, arg = _parse_command(line)
                 if command == "VALVE":
@@ -526,7 +702,7 @@ class SpirometerSim:
             self._stats["commands"] += 1
             self._log.info("%s,%d%s", command, seq, "" if arg is None else f",{arg}")
             self._write_locked(_frame(f"ACK,{seq},{command}"))
-            self._write_status_locked(self._t_ms(now), changes)
+            self._write_status_locked(self._t_ms_locked(now), changes)
 
     def _write_status_locked(self, t_ms: int, changes: list[tuple[str, str]]) -> None:
         for event, arg in changes:
