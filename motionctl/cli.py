@@ -25,8 +25,10 @@ motionctl: respiratory motion management and gating for liver SBRT.
   sim          the simulated treatment session: rig + controller (the demo)
   rig          the simulated devices alone; prints their addresses
   run          the controller against the devices named in the config
+  replay       replay a session log through the core and compare; what-if with --set
   log info     summarise a session log
   log export   write a session log's tables as CSV
+  log verify   check a session log's hash chain
   evaluate     prediction and correlation accuracy on recorded traces
 """
 
@@ -54,7 +56,10 @@ def _fault_arg(text: str):
 
 def _add_fault_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--fault", action="append", default=[], type=_fault_arg,
+        "--fault",
+        action="append",
+        default=[],
+        type=_fault_arg,
         metavar="DEVICE:KIND@START[+DURATION]",
         help="inject a fault into a simulated device, seconds from session start "
         "(repeatable), e.g. surface:freeze@10+2; KIND: disconnect, freeze, garbage, delay, "
@@ -117,6 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="enable the beam S seconds after start (logged as operator 'cli')",
     )
 
+    rp = sub.add_parser(
+        "replay",
+        help="replay a session log through the core and compare; what-if with --set",
+        description="Verify a session log's hash chain, feed its recorded inputs through the "
+        "same estimator, gate and interlocks, and compare every decision and estimate. With "
+        "--set KEY=VALUE (repeatable) it answers what-if: the figures with other settings "
+        "beside the recorded ones. Exit status: 0 reproduced (or what-if done), 1 divergence "
+        "(or an unverified log replayed with --force), 2 refused or bad input.",
+    )
+    rp.add_argument("file", metavar="LOG")
+    rp.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="what-if: override one config key, e.g. --set gating.window_mm=3",
+    )
+    rp.add_argument(
+        "--force",
+        action="store_true",
+        help="replay a log that fails verification (reported as unverified)",
+    )
+    rp.add_argument("--json", action="store_true", help="print the result as JSON")
+
     logp = sub.add_parser(
         "log", help="inspect session logs", description="Inspect a recorded session log."
     )
@@ -124,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = logsub.add_parser("info", help="duration, devices, samples, beam-on time, holds")
     info.add_argument("file")
     info.add_argument("--json", action="store_true", help="print JSON")
+    ver = logsub.add_parser("verify", help="check a session log's hash chain")
+    ver.add_argument("file")
+    ver.add_argument("--json", action="store_true", help="print JSON")
     export = logsub.add_parser("export", help="write every table as CSV")
     export.add_argument("file")
     export.add_argument("--csv", required=True, metavar="DIR", help="output folder")
@@ -175,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             return _rig(args)
         if args.command == "log" and args.log_command == "info":
             return _log_info(args)
+        if args.command == "log" and args.log_command == "verify":
+            return _log_verify(args)
+        if args.command == "replay":
+            return _replay(args)
         if args.command == "log" and args.log_command == "export":
             for path in export_csv(args.file, args.csv):
                 print(path)
@@ -321,8 +358,12 @@ def _record_rig(rig, schedule, writer: SessionLogWriter) -> list[dict]:
     for fault in schedule.applied:
         start_s = fault.start_s + shift
         end_s = None if fault.end_s is None else fault.end_s + shift
-        entry = {"device": fault.device, "kind": fault.kind, "start_s": round(start_s, 4),
-                 "end_s": None if end_s is None else round(end_s, 4)}
+        entry = {
+            "device": fault.device,
+            "kind": fault.kind,
+            "start_s": round(start_s, 4),
+            "end_s": None if end_s is None else round(end_s, 4),
+        }
         entry |= fault_outcome(start_s, end_s, edges, end)
         writer.add("events", (start_s, "rig", "fault", json.dumps(entry)))
         faults.append(entry)
@@ -472,6 +513,33 @@ def _plain(value: Any) -> str:
     if isinstance(value, dict):
         return "  ".join(f"{k} {_plain(v)}" for k, v in value.items())
     return str(value)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from motionctl.replay import format_result, replay
+
+    result = replay(args.file, args.overrides, force=args.force)
+    print(result.to_json() if args.json else format_result(result))
+    return result.exit_status
+
+
+def _log_verify(args: argparse.Namespace) -> int:
+    from motionctl.integrity import verify
+
+    result = verify(args.file)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        closed = "closed" if result.closed else "not closed (killed, or still being written)"
+        print(
+            f"{args.file}: {'verified' if result.ok else 'FAILED'}: {result.batches} batches, "
+            f"{result.rows} rows, {closed}"
+        )
+        if result.digest:
+            print(f"last digest: {result.digest}")
+        if not result.ok:
+            print(f"reason: {result.reason}")
+    return 0 if result.ok else 1
 
 
 def _log_info(args: argparse.Namespace) -> int:

@@ -204,15 +204,17 @@ class Controller:
             self.core.on_device_event(dataclasses.replace(item, t=session_t(item.t)))
             self._decide(None)
         elif isinstance(item, OperatorCommand):
-            self.core.on_command(session_t(self._clock()), item)
-            self._decide(None)
+            t = session_t(self._clock())
+            self.core.on_command(t, item)
+            self._decide(None, t)  # the same instant: replay decides at the command's time
         elif item is None:
             self._decide(None)  # woke on a deadline: freshness or heartbeat
         else:
             raise TypeError(f"unknown queue item {item!r}")
 
-    def _decide(self, t_rx: float | None) -> None:
-        t = self.session_t(self._clock())
+    def _decide(self, t_rx: float | None, t: float | None = None) -> None:
+        if t is None:
+            t = self.session_t(self._clock())
         self.core.set_beam_fault(t, self.beam.fault())
         decision = self.core.decide(t, new_sample=t_rx is not None)
         if decision is None:
@@ -226,8 +228,15 @@ class Controller:
         if est is None:
             return
         self.live.append(
-            (est.t, est.surrogate_mm, *est.position_mm, *est.predicted_mm, est.uncertainty_mm,
-             1.0 if decision is not None and decision.beam_enabled else 0.0, float(est.valid))
+            (
+                est.t,
+                est.surrogate_mm,
+                *est.position_mm,
+                *est.predicted_mm,
+                est.uncertainty_mm,
+                1.0 if decision is not None and decision.beam_enabled else 0.0,
+                float(est.valid),
+            )
         )
 
     def _force_hold(self, reason: str) -> None:

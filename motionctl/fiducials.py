@@ -9,18 +9,33 @@ numpy / scipy for geometry and assignment. Millimetres, IEC 61217 patient coordi
 Pipeline and API
 ----------------
 ``detect_candidates(image, geometry, *, search_center_px=None, search_radius_px=None,
-seed_diameter_mm=1.0, seed_length_mm=3.0, polarity="dark", min_score=5.0, ...)``
-    -> ``list[Detection2D]``, best score first. Band-pass (difference of Gaussians) at the
-    seed's projected width, oriented so that a seed is a positive response; noise sigma of
-    the response from its median absolute deviation; connected components above a
-    hysteresis threshold; per component an intensity-weighted centroid over the component
-    grown by the filter's reach (sub-pixel centre), the orientation and length from its
-    second moments (elongated markers: the centre of the marker, and its axis in the image),
-    and a score = peak contrast-to-noise ratio of the band-passed response. With a search
-    region (one or several discs: ``search_center_px`` (2,) or (K, 2), ``search_radius_px``
-    scalar or (K,)) only the bounding box of the discs (padded by the filter's reach) is
-    filtered and only candidates whose centre lies inside a disc are returned; without one
-    the whole frame is searched.
+seed_diameter_mm=1.0, seed_length_mm=3.0, magnification_at_seed=None, polarity="dark",
+min_score=5.0, max_candidates=12)`` -> ``list[Detection2D]``, best score first.
+    1. Attenuation ``-log(I)`` (``polarity="dark"``, raw counts) so that a seed's contrast
+       does not depend on the background level; smoothed at the thinnest seed's projected
+       width (sigma >= 0.7 px).
+    2. Background: a morphological opening with a disc wider than the widest seed (it
+       removes seeds and keeps steps, ramps, rib and lung edges); the top-hat (image -
+       opening) divided by the local noise of the smoothed image (median absolute high-pass
+       in 32 x 32 px blocks, so that a seed does not inflate its own noise), its median
+       removed, is the contrast-to-noise (CNR) map.
+    3. Hysteresis: connected components of CNR >= max(2.5, 0.4 min_score) holding a pixel
+       >= ``min_score``; fragments of one faint coil on a common axis with signal in the gap
+       are re-joined; a component too long / wide for any planned seed (a seed touching a
+       rib edge) is split by re-thresholding at 30/50/70 % of its peak, an elongated part
+       grown back along its own axis.
+    4. Per part: the signal above a local background interpolated ACROSS the part's long
+       axis (a rib edge running along a coil does not bias it); intensity-weighted
+       centroid and second moments (orientation, width); elongated markers (coils, seeds
+       seen side-on): the centre along the axis is the midpoint of the two ends, each at
+       the steepest rise / fall of the across-summed profile near the half-plateau point
+       (a coil whose contrast differs between its ends, or a faint structure touching an
+       end, does not pull it). Score = peak CNR. Parts longer or wider than a seed can
+       project are dropped.
+    With a search region (one or several discs: ``search_center_px`` (2,) or (K, 2),
+    ``search_radius_px`` scalar or (K,)) only the bounding box of the discs, padded by the
+    filters' reach, is processed and only candidates whose centre lies inside a disc are
+    returned; without one the whole frame is searched (acquisition; ~4x slower).
 
 ``match_stereo(dets_a, geom_a, dets_b, geom_b, *, max_ray_distance_mm)``
     -> ``list[StereoPair]``: every candidate pair whose back-projected rays pass within
@@ -43,10 +58,19 @@ seed_diameter_mm=1.0, seed_length_mm=3.0, polarity="dark", min_score=5.0, ...)``
     full frame), then searches jointly over stereo pairs and planned seeds: each planned
     seed gets one stereo pair (each candidate used once) or is left out (at most
     ``n_planned - min_seeds`` of them), every two assigned seeds must be as far apart as
-    planned within ``distance_tolerance_mm``; the solution with most seeds, then least
-    chi-square (ray distances and distance errors), wins. Kabsch of the plan onto the
-    triangulated seeds gives the rotation and the target point (the plan's origin).
-    -> ``Localisation`` (mode "stereo").
+    planned within ``distance_tolerance_mm``, and an elongated marker's 3-D length (from
+    the two views' end-to-end lengths and the 3-D axis where the two back-projected planes
+    meet) must match the planned length; the solution with most seeds, then a plausible
+    rigid fit, then least chi-square (ray distances and distance errors), then smallest
+    rotation wins; a second plausible solution with nearly the same chi-square and a target
+    more than ``ambiguity_mm`` away rejects the frame. Each seed is re-triangulated by
+    weighted least squares; Kabsch of the plan onto the seeds gives the rotation and the
+    target point (the plan's origin); residual, rotation and the distance from the
+    prediction are checked. -> ``Localisation`` (mode "stereo").
+
+``localise_stereo_candidates(candidates, geometries, plan, prior, ...)`` and
+``localise_mono_candidates(candidates, geometry, plan, prior, ...)`` do the same from
+candidates found elsewhere (another detector, tests).
 
 ``localise_mono(image, geometry, plan, prior, *, t=0.0, settings=...)``
     One view. Needs a prior with at least ``settings.mono_min_samples`` accepted positions:
@@ -104,8 +128,13 @@ What this module does NOT handle
 - Seed migration or deformation: the plan is rigid; a constellation that changed by more
   than the tolerance is rejected every frame (re-plan).
 - Symmetric constellations (e.g. an equilateral triangle about the target point): the
-  rotation is ambiguous; the target point is reported if every admissible correspondence
-  gives the same point, the one with the lowest chi-square (then smallest rotation) is used.
+  rotation is ambiguous; the target point is reported if every plausible correspondence
+  gives the same point (the one with the smallest rotation is used), else the frame is
+  rejected as ambiguous.
+- A seed seen end-on is compact in that view, so its length cannot be checked there.
+- Detection in the simulator is limited by anatomy clutter (the top-hat's response to
+  smooth rib and lung edges) more than by noise; real images add overlying bowel gas,
+  surgical clips, contrast and metal that this detector has not been tuned on.
 - Fewer than 3 seeds fitted: translation only (rotation NaN).
 - Rotation in mono mode (taken from the prior), scatter/beam-hardening, image lag, panel
   distortion or gantry flex (geometry is taken as exact), motion blur beyond the seed width.
@@ -141,7 +170,9 @@ __all__ = [
     "epipolar_distance_px",
     "fit_rigid",
     "localise_mono",
+    "localise_mono_candidates",
     "localise_stereo",
+    "localise_stereo_candidates",
     "magnification",
     "match_stereo",
     "pixel_pitch_mm",
@@ -348,8 +379,9 @@ class LocaliserSettings:
     max_fit_residual_mm: float = 1.0  # RMS of the rigid fit (stereo)
     min_seeds: int = 3  # fewer planned seeds than this: all of them are required
     max_rotation_deg: float = 15.0  # largest rotation of the constellation accepted
-    search_sigmas: float = 4.0  # search radius = this many prediction sigmas (+ margins)
+    search_sigmas: float = 3.0  # search radius = this many prediction sigmas (+ margins)
     search_margin_mm: float = 2.0  # + this, + the seed half-length, + rotation lever arm
+    search_rotation_deg: float = 5.0  # rotation allowed for in the search radius
     gate_sigmas: float = 5.0  # target further than this many sigmas (+margin): rejected
     pixel_sigma_px: float = 0.3  # 1-sigma of a detected centre (for uncertainties / chi2)
     ambiguity_mm: float = 1.0  # alternative fits whose targets differ by more: ambiguous
@@ -365,11 +397,11 @@ class Detection2D:
 
     x_px: float
     y_px: float
-    score: float  # peak contrast-to-noise ratio of the band-passed image
+    score: float  # peak contrast-to-noise ratio (top-hat / local noise)
     angle_deg: float  # image-plane orientation of the long axis, from +x towards +y
-    length_px: float  # end to end: half-maximum ends if elongated, else sqrt(12) x SD
+    length_px: float  # end to end: edge-to-edge if elongated, else sqrt(12) x SD along
     width_px: float  # across: sqrt(12) x the second-moment SD across the axis
-    area_px: int  # pixels above the threshold
+    area_px: int  # pixels of the component (above the hysteresis threshold)
 
     @property
     def xy(self) -> np.ndarray:
@@ -677,7 +709,7 @@ def detect_candidates(
     w_max = float(diameters.max()) * mag / g.pitch
     l_max = float(lengths.max()) * mag / g.pitch
     sigma1 = max(0.7, 0.35 * w_min)  # smoothing matched to the thinnest seed
-    k_open = int(round(1.5 * w_max + 4.0)) | 1  # opening element: wider than any seed
+    k_open = int(round(w_max + 5.0)) | 1  # opening disc: wider than any seed (+ blur)
     max_length = 1.25 * l_max + 2.0 * w_max + 6.0  # longer components are not seeds
     max_width = 1.6 * w_max + 4.0  # wider ones neither (ribs, edges, bowel gas)
     reach = k_open + int(math.ceil(3.0 * sigma1)) + 2
@@ -709,7 +741,7 @@ def detect_candidates(
     z, smooth = _tophat_cnr(att, sigma1, k_open)
     low = max(2.5, 0.4 * min_score)
     mask = (z >= low).astype(np.uint8)
-    n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    n_lab, labels, stats, comp_centres = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n_lab <= 1:
         return []
     ids = np.unique(labels[z >= min_score])
@@ -722,6 +754,15 @@ def detect_candidates(
     max_area = int(1.5 * (l_max + 2 * grow) * (w_max + 2 * grow)) + 20
     # no upper size limit here: a seed merged with a rib edge is split below
     ids = ids[stats[ids, cv2.CC_STAT_AREA] >= min_area]
+    if centres is not None and len(ids):  # components that cannot end up in a disc
+        cc = comp_centres[ids] + (x0, y0)
+        extent = np.hypot(stats[ids, cv2.CC_STAT_WIDTH], stats[ids, cv2.CC_STAT_HEIGHT])
+        gap = np.min(
+            np.hypot(cc[:, None, 0] - centres[None, :, 0], cc[:, None, 1] - centres[None, :, 1])
+            - radii[None, :],
+            axis=1,
+        )
+        ids = ids[gap <= 0.5 * extent + 2.0]
     if len(ids) == 0:
         return []
     # peak CNR per component, from the few pixels above min_score: strongest first
@@ -729,18 +770,23 @@ def detect_candidates(
     hot = hot[np.argsort(-z.flat[hot])]
     hot_labels, first = np.unique(labels.flat[hot], return_index=True)
     keep = np.isin(hot_labels, ids)
-    order = np.argsort(first[keep])[: 4 * max_candidates]
+    order = np.argsort(first[keep])[: 2 * max_candidates + 16]
     cand_ids = hot_labels[keep][order]
     found: list[Detection2D] = []
     h, w = z.shape
     limits = (max_length, max_width, min_area, max_area)
-    for lab in cand_ids:
-        bx, by, bw, bh, _ = (int(v) for v in stats[lab])
+    for group in _link_fragments(labels, stats, cand_ids, max_length, w_max, z, 0.4 * low):
+        bx = min(int(stats[g, cv2.CC_STAT_LEFT]) for g in group)
+        by = min(int(stats[g, cv2.CC_STAT_TOP]) for g in group)
+        bx1 = max(int(stats[g, cv2.CC_STAT_LEFT] + stats[g, cv2.CC_STAT_WIDTH]) for g in group)
+        by1 = max(int(stats[g, cv2.CC_STAT_TOP] + stats[g, cv2.CC_STAT_HEIGHT]) for g in group)
         ax0, ay0 = max(bx - pad, 0), max(by - pad, 0)
-        ax1, ay1 = min(bx + bw + pad, w), min(by + bh + pad, h)
+        ax1, ay1 = min(bx1 + pad, w), min(by1 + pad, h)
         sub_z = z[ay0:ay1, ax0:ax1]
-        sub_lab = labels[ay0:ay1, ax0:ax1] == lab
-        for part, peak in _split_component(sub_lab, sub_z, low, min_score, limits):
+        sub_lab = np.isin(labels[ay0:ay1, ax0:ax1], group)
+        for part, peak in _split_component(
+            sub_lab, sub_z, low, min_score, limits, 0.5 * w_max + 2.0
+        ):
             wts, _ = _seed_signal(smooth[ay0:ay1, ax0:ax1], part, inner_k, across)
             det = _refine(wts, peak, int(part.sum()), limits)
             if det is None:
@@ -767,15 +813,94 @@ def detect_candidates(
     return found[:max_candidates]
 
 
+def _link_fragments(
+    labels: np.ndarray,
+    stats: np.ndarray,
+    ids: np.ndarray,
+    max_length: float,
+    w_max: float,
+    z: np.ndarray,
+    gap_level: float,
+) -> list[list[int]]:
+    """Group candidate components that are fragments of one elongated marker (noise cut a
+    faint coil): an elongated component and another one on its axis line (within 15 deg and
+    0.5 x seed width + 1.5 px of it), their facing ends at most 6 px apart, signal in the
+    gap (median CNR between them >= ``gap_level``: a coil dipping below the threshold, not
+    background) and the union no longer than a marker. Two compact blobs are never joined
+    (two seeds side by side). Groups keep the order of ``ids`` (strongest first)."""
+    n = len(ids)
+    if n < 2:
+        return [[int(i)] for i in ids]
+    cen = np.zeros((n, 2))
+    axis = np.zeros(n)
+    length = np.zeros(n)
+    elongated = np.zeros(n, dtype=bool)
+    for k, lab in enumerate(ids):
+        x, y, bw, bh, _ = (int(v) for v in stats[lab])
+        mom = cv2.moments((labels[y : y + bh, x : x + bw] == lab).astype(np.uint8), True)
+        cen[k] = x + mom["m10"] / mom["m00"], y + mom["m01"] / mom["m00"]
+        lam1, lam2, axis[k] = _moment_axes(mom)
+        length[k] = math.sqrt(12.0 * lam1) + 1.0
+        elongated[k] = length[k] > 1.5 * (math.sqrt(12.0 * lam2) + 1.0) + 2.0
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    dist = np.linalg.norm(cen[:, None] - cen[None], axis=2)
+    reach = 0.5 * (length[:, None] + length[None]) + 6.0
+    near = np.argwhere(np.triu(dist <= reach, 1))
+    for i, j in near:
+        if not (elongated[i] or elongated[j]):
+            continue
+        d = dist[i, j]
+        if d + 0.5 * (length[i] + length[j]) > max_length:
+            continue
+        u = (cen[j] - cen[i]) / max(d, 1e-9)
+        ok = True
+        for k, other in ((i, j), (j, i)):
+            if not elongated[k]:
+                continue
+            a = np.array([math.cos(axis[k]), math.sin(axis[k])])
+            off = cen[other] - cen[k]
+            if abs(u[0] * a[1] - u[1] * a[0]) > 0.26 or abs(off[0] * a[1] - off[1] * a[0]) > (
+                0.5 * w_max + 1.5
+            ):
+                ok = False
+        if ok:
+            steps = np.linspace(0.0, 1.0, max(3, int(d * 2)))
+            xs = np.rint(cen[i, 0] + steps * (cen[j, 0] - cen[i, 0])).astype(int)
+            ys = np.rint(cen[i, 1] + steps * (cen[j, 1] - cen[i, 1])).astype(int)
+            between = ~np.isin(labels[ys, xs], (ids[i], ids[j]))
+            if between.any() and float(np.median(z[ys[between], xs[between]])) < gap_level:
+                ok = False
+        if ok:
+            parent[root(int(j))] = root(int(i))
+    groups: dict[int, list[int]] = {}
+    for k in range(n):
+        groups.setdefault(root(k), []).append(int(ids[k]))
+    return sorted(groups.values(), key=lambda g: list(ids).index(g[0]))
+
+
+def _moment_axes(mom: Mapping[str, float]) -> tuple[float, float, float]:
+    """(major variance, minor variance, angle of the major axis) from cv2.moments."""
+    m00 = mom["m00"]
+    if m00 <= 0:
+        return 0.0, 0.0, 0.0
+    cxx, cyy, cxy = mom["mu20"] / m00, mom["mu02"] / m00, mom["mu11"] / m00
+    half_tr = 0.5 * (cxx + cyy)
+    disc = math.sqrt(max(0.25 * (cxx - cyy) ** 2 + cxy * cxy, 0.0))
+    return half_tr + disc, max(half_tr - disc, 0.0), 0.5 * math.atan2(2.0 * cxy, cxx - cyy)
+
+
 def _mask_shape(mask: np.ndarray) -> tuple[float, float]:
     """(length, width) of a pixel set: 4 x the square roots of its second-moment
     eigenvalues (for a uniform bar of length L: ~1.15 L)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) < 2:
-        return 1.0, 1.0
-    cov = np.cov(np.stack([xs, ys]).astype(np.float64), bias=True)
-    lam = np.linalg.eigvalsh(cov)
-    return 4.0 * math.sqrt(max(lam[1], 0.0)) + 1.0, 4.0 * math.sqrt(max(lam[0], 0.0)) + 1.0
+    lam1, lam2, _ = _moment_axes(cv2.moments(mask.astype(np.uint8), True))
+    return 4.0 * math.sqrt(lam1) + 1.0, 4.0 * math.sqrt(lam2) + 1.0
 
 
 def _split_component(
@@ -784,12 +909,15 @@ def _split_component(
     low: float,
     min_score: float,
     limits: tuple[float, float, int, int],
+    half_width: float,
 ) -> list[tuple[np.ndarray, float]]:
     """The seed-shaped parts of one connected component, with their peak CNR.
 
     A component that is too long, too wide or too big for a seed (a seed touching a rib
     edge or another seed) is re-thresholded inside at 30, 50 and 70 % of its peak; the first
-    level that gives seed-shaped parts (each with a pixel >= min_score) wins."""
+    level that gives seed-shaped parts (each with a pixel >= min_score) wins, and each part
+    is grown back over the component's pixels within ``half_width`` of its axis (so that
+    the faint end of a coil is not lost to the split, and the edge it touched stays out)."""
     max_length, max_width, min_area, max_area = limits
     peak = float(z[mask].max())
 
@@ -812,11 +940,43 @@ def _split_component(
         for i in range(1, n):
             part = lab == i
             part_peak = float(z[part].max())
-            if part_peak >= min_score and fits(part):
-                parts.append((part.astype(np.uint8), part_peak))
+            if part_peak < min_score or not fits(part):
+                continue
+            parts.append((_regrow(part, mask, lab, i, half_width, max_length, fits), part_peak))
         if parts:
             return parts
     return []
+
+
+def _regrow(
+    part: np.ndarray,
+    mask: np.ndarray,
+    lab: np.ndarray,
+    index: int,
+    half_width: float,
+    max_length: float,
+    fits: Any,
+) -> np.ndarray:
+    """An elongated part (a coil fragment after a split) grown back over the component's
+    pixels within ``half_width`` of its axis and ``0.6 x max_length`` of its centre, never
+    into another part; compact parts (and growths that are not seed-shaped) unchanged."""
+    py, px = np.nonzero(part)
+    length, width = _mask_shape(part)
+    if len(px) < 2 or length <= 1.5 * width + 2.0:
+        return part.astype(np.uint8)
+    cx, cy = px.mean(), py.mean()
+    cov = np.cov(np.stack([px, py]).astype(np.float64))
+    theta = 0.5 * math.atan2(2.0 * cov[0, 1], cov[0, 0] - cov[1, 1])
+    my, mx = np.nonzero(mask)
+    free = (lab[my, mx] == 0) | (lab[my, mx] == index)
+    perp = np.abs((mx - cx) * -math.sin(theta) + (my - cy) * math.cos(theta))
+    along = np.abs((mx - cx) * math.cos(theta) + (my - cy) * math.sin(theta))
+    inside = free & (perp <= half_width) & (along <= 0.6 * max_length)
+    band = np.zeros(mask.shape, dtype=np.uint8)
+    band[my[inside], mx[inside]] = 1
+    _, band_lab = cv2.connectedComponents(band, connectivity=8)
+    grown = band_lab == band_lab[py[0], px[0]]
+    return (grown if fits(grown) else part).astype(np.uint8)
 
 
 def _refine(
@@ -855,9 +1015,9 @@ def _refine(
 def _axis_midpoint(
     wts: np.ndarray, cx: float, cy: float, phi: float, length: float, width: float
 ) -> tuple[float, float, float]:
-    """Centre of an elongated candidate: along its axis, the midpoint of the two ends where
-    the across-summed signal profile falls to half its plateau (robust to a contrast that
-    varies along the marker, e.g. a coil crossing a rib edge); across, the centroid.
+    """Centre of an elongated candidate: along its axis, the midpoint of its two ends, each
+    at the steepest rise / fall of the across-summed signal profile (robust to a contrast
+    that varies along the marker, e.g. a coil crossing a rib edge); across, the centroid.
     Returns (x, y, end-to-end length); length 0 and the centroid when the ends are unclear."""
     ux, uy = math.cos(phi), math.sin(phi)
     half_len = 0.5 * length + 4.0
@@ -874,24 +1034,31 @@ def _axis_midpoint(
     peak = float(profile.max())
     if peak <= 0:
         return cx, cy, 0.0
-    # each end at half of ITS plateau (the median 2-5 px inside it): the contrast of a coil
-    # may differ between its ends (background curvature across a rib edge)
-    above = np.nonzero(profile >= 0.25 * peak)[0]
-    j0, j1 = int(above[0]), int(above[-1])
-    if j0 == 0 or j1 == len(profile) - 1 or j1 - j0 < 12:
+    # each end at the steepest rise / fall of the profile near it: the half-maximum of a
+    # blurred end, independent of the plateau level (the contrast of a coil may differ
+    # between its ends: background curvature across a rib edge) and of a faint structure
+    # touching an end (a gentle tail, not a step)
+    # near the coarse ends: the outermost samples at half the median plateau
+    plateau = float(np.median(profile[profile > 0.25 * peak]))
+    above = np.nonzero(profile >= 0.5 * plateau)[0]
+    a0, a1 = int(above[0]), int(above[-1])
+    if a1 - a0 < 12:
         return cx, cy, 0.0
-    level_lo = 0.5 * float(np.median(profile[j0 + 4 : j0 + 11]))
-    level_hi = 0.5 * float(np.median(profile[j1 - 10 : j1 - 3]))
-    i0 = j0
-    while i0 < j1 and profile[i0] < level_lo:
-        i0 += 1
-    i1 = j1
-    while i1 > j0 and profile[i1] < level_hi:
-        i1 -= 1
-    if i0 == 0 or i1 == len(profile) - 1 or i1 <= i0:
+    smooth = np.convolve(profile, [0.0625, 0.25, 0.375, 0.25, 0.0625], mode="same")
+    grad = np.gradient(smooth)
+    lo0, lo1 = max(a0 - 6, 1), min(a0 + 6, a1 - 1)
+    hi0, hi1 = max(a1 - 6, a0 + 1), min(a1 + 6, len(profile) - 2)
+    i0 = lo0 + int(np.argmax(grad[lo0 : lo1 + 1]))
+    i1 = hi0 + int(np.argmin(grad[hi0 : hi1 + 1]))
+    if not (0 < i0 < i1 < len(profile) - 1) or grad[i0] <= 0 or grad[i1] >= 0:
         return cx, cy, 0.0
-    t_lo = t[i0 - 1] + 0.5 * (level_lo - profile[i0 - 1]) / (profile[i0] - profile[i0 - 1])
-    t_hi = t[i1] + 0.5 * (profile[i1] - level_hi) / (profile[i1] - profile[i1 + 1])
+
+    def vertex(i: int) -> float:  # sub-sample peak of |gradient| (parabola)
+        den = grad[i - 1] - 2.0 * grad[i] + grad[i + 1]
+        return float(np.clip(0.5 * (grad[i - 1] - grad[i + 1]) / den, -0.5, 0.5)) if den else 0.0
+
+    t_lo = t[i0] + 0.5 * vertex(i0)
+    t_hi = t[i1] + 0.5 * vertex(i1)
     mid = 0.5 * float(t_lo + t_hi)
     return cx + mid * ux, cy + mid * uy, float(t_hi - t_lo)
 
@@ -902,11 +1069,11 @@ def _tophat_cnr(att: np.ndarray, sigma1: float, k_open: int) -> tuple[np.ndarray
     Smooth at the seed scale, subtract the morphological opening (a flat square wider than
     any seed: it removes seeds, keeps steps, ramps and broad structures such as rib edges),
     divide by the local noise of the smoothed image (robust: median absolute high-pass in
-    blocks of 32 px, so a seed does not inflate its own noise) and remove the opening's
+    blocks of 32 x 32 px, so a seed does not inflate its own noise) and remove the opening's
     positive bias (the median). Returns (CNR map, noise map of the smoothed image).
     """
     smooth = cv2.GaussianBlur(att, (0, 0), sigma1, borderType=cv2.BORDER_REFLECT)
-    element = cv2.getStructuringElement(cv2.MORPH_RECT, (k_open, k_open))
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k_open, k_open))
     background = cv2.morphologyEx(smooth, cv2.MORPH_OPEN, element, borderType=cv2.BORDER_REFLECT)
     tophat = smooth - background
     k_white, k_smooth = _noise_factors(sigma1)
@@ -931,12 +1098,7 @@ def _seed_signal(
     that distance whatever it does along it (a rib edge crossing a coil lengthwise).
     Weights are the positive part inside the component grown by ``inner_k``, else zero.
     """
-    ys, xs = np.nonzero(core)
-    if len(xs) >= 2:
-        cov = np.cov(np.stack([xs, ys]).astype(np.float64))
-        theta = 0.5 * math.atan2(2.0 * cov[0, 1], cov[0, 0] - cov[1, 1])
-    else:
-        theta = 0.0
+    _, _, theta = _moment_axes(cv2.moments(core, True))
     nx, ny = -math.sin(theta), math.cos(theta)  # unit normal to the long axis
     h, w = smooth.shape
     background = np.zeros_like(smooth)
@@ -962,10 +1124,11 @@ def _noise_factors(sigma1: float) -> tuple[float, float]:
     return math.sqrt(1.0 - 2.0 * centre + sum_sq), math.sqrt(sum_sq)
 
 
-def _local_noise(highpass: np.ndarray, block: int = 16) -> np.ndarray:
+def _local_noise(highpass: np.ndarray, block: int = 8) -> np.ndarray:
     """Robust local sigma of a zero-mean high-pass image: 1.4826 x median |x| in blocks of
-    ``block`` samples of the 2x subsampled image, bilinearly resized to the image."""
-    sub = np.abs(highpass[::2, ::2])
+    ``block`` x ``block`` samples of the 4x subsampled image (32 x 32 px), bilinearly
+    resized to the image."""
+    sub = np.abs(highpass[::4, ::4])
     h, w = sub.shape
     bh, bw = h // block, w // block
     if bh < 2 or bw < 2:
@@ -988,7 +1151,7 @@ def search_regions(
     None when the prior has no position (search the full frame).
 
     Radius = magnification / pitch x (search_sigmas x sigma + search_margin_mm + seed
-    half-length + lever arm x sin(max_rotation)).
+    half-length + lever arm x sin(search_rotation_deg)).
     """
     if prior is None:
         return None
@@ -1001,7 +1164,9 @@ def search_regions(
     g = _geom(geometry)
     px = project_points(geometry, seeds)
     mag = magnification(geometry, seeds)
-    lever = np.linalg.norm(plan.points, axis=1) * math.sin(math.radians(settings.max_rotation_deg))
+    lever = np.linalg.norm(plan.points, axis=1) * math.sin(
+        math.radians(settings.search_rotation_deg)
+    )
     mm = (
         settings.search_sigmas * sigma
         + settings.search_margin_mm
@@ -1220,16 +1385,36 @@ def localise_stereo(
     vs = _views(views)
     if len(vs) != 2:
         raise ValueError(f"localise_stereo needs exactly 2 views, got {len(vs)}")
-    n = plan.n
-    min_seeds = min(settings.min_seeds, n)
-    (img_a, geom_a), (img_b, geom_b) = vs
     all_dets = []
     for name, (img, geom) in zip("ab", vs, strict=True):
         dets, fov = _detect_view(img, geom, plan, prior, settings, name)
         if fov is not None:
-            return _reject("stereo", t, LockReason.OUTSIDE_FIELD_OF_VIEW, fov, n)
-        all_dets.append(tuple(dets))
-    cands = tuple(all_dets)
+            return _reject("stereo", t, LockReason.OUTSIDE_FIELD_OF_VIEW, fov, plan.n)
+        all_dets.append(dets)
+    return localise_stereo_candidates(
+        all_dets, (vs[0][1], vs[1][1]), plan, prior, t=t, settings=settings
+    )
+
+
+def localise_stereo_candidates(
+    candidates: Sequence[Sequence[Detection2D]],
+    geometries: Sequence[ProjectionGeometry],
+    plan: SeedPlan,
+    prior: TargetPrior | None = None,
+    *,
+    t: float = 0.0,
+    settings: LocaliserSettings = LocaliserSettings(),
+) -> Localisation:
+    """The stereo localisation from already detected candidates (two lists, two
+    geometries): matching, constellation search, rigid fit and every check of
+    `localise_stereo`. For another detector, or tests."""
+    if len(candidates) != 2 or len(geometries) != 2:
+        raise ValueError("localise_stereo_candidates needs 2 candidate lists and 2 geometries")
+    geom_a, geom_b = geometries
+    _geom(geom_a), _geom(geom_b)  # validate
+    n = plan.n
+    min_seeds = min(settings.min_seeds, n)
+    cands = (tuple(candidates[0]), tuple(candidates[1]))
     rej = functools.partial(_reject, "stereo", t, n_plan=n, candidates=cands)
     good = [[d for d in dets if d.score >= settings.min_score] for dets in cands]
     for name, dets, ok in zip("ab", cands, good, strict=True):
@@ -1289,7 +1474,7 @@ def localise_stereo(
             f"no {min_seeds} of {len(pairs)} triangulated candidates match the planned "
             f"inter-seed distances within {settings.distance_tolerance_mm:g} mm",
         )
-    best = _rank_solutions(sols, plan, points)
+    best = _rank_solutions(sols, plan, points, settings)
     alt = _ambiguous(sols, best, settings)
     if alt is not None:
         return rej(LockReason.AMBIGUOUS, alt)
@@ -1372,9 +1557,10 @@ def _length_compatibility(
     When a pair's candidates are elongated in both views, the marker's 3-D axis is the
     intersection of the two planes (source, 2-D axis); its 3-D length follows from each
     view's end-to-end length. A pair is compatible with seed s if both lengths are within
-    ``max(1.5 mm, 25 %)`` of the planned length (a coil truncated in one view by an edge or
-    merged with a rib edge fails). With one elongated view only, the projected length must
-    not exceed the planned length. Returns (allowed (n_pairs, n_plan), a reason per pair).
+    ``max(1.5 mm, 25 %)`` of the planned length (+ one diameter above it: the outline of a
+    tilted cylinder): a coil truncated in one view by an edge, or merged with one, fails.
+    With one elongated view only, the projected length must not exceed the planned length
+    (+ diameter + tolerance). Returns (allowed (n_pairs, n_plan), a reason per pair).
     """
     lengths = np.asarray(plan.seed_length_mm)
     diameters = np.asarray(plan.seed_diameter_mm)
@@ -1415,7 +1601,11 @@ def _length_compatibility(
             tol = max(1.5, 0.25 * lengths[s])
             if bound > lengths[s] + diameters[s] + tol:
                 allowed[k, s] = False
-            elif np.isfinite(measured).any() and (np.nanmax(np.abs(measured - lengths[s])) > tol):
+            elif np.isfinite(measured).any() and (
+                # the outline of a tilted cylinder is up to one diameter longer
+                np.nanmin(measured) < lengths[s] - tol
+                or np.nanmax(measured) > lengths[s] + diameters[s] + tol
+            ):
                 allowed[k, s] = False
         if not allowed[k].all():
             shown = ", ".join(f"{x:.1f}" for x in measured if np.isfinite(x)) or f"{bound:.1f}"
@@ -1427,17 +1617,35 @@ def _length_compatibility(
     return allowed, why
 
 
-def _rank_solutions(sols: list[_Solution], plan: SeedPlan, points: np.ndarray) -> _Solution:
-    """Fit every solution, best = least chi-square, then smallest rotation."""
+def _plausible(sol: _Solution, settings: LocaliserSettings) -> bool:
+    """A rigid fit that could be accepted: small residual (a mirrored correspondence of a
+    symmetric constellation has equal distances but no proper rotation) and rotation."""
+    return (
+        sol.rms <= settings.max_fit_residual_mm
+        and _rotation_angle_deg(sol.r) <= settings.max_rotation_deg
+    )
+
+
+def _rank_solutions(
+    sols: list[_Solution], plan: SeedPlan, points: np.ndarray, settings: LocaliserSettings
+) -> _Solution:
+    """Fit every solution; best = plausible first, then least chi-square, then smallest
+    rotation (a symmetric constellation)."""
     for sol in sols:
         idx = np.array(sol.seeds)
         sol.r, sol.t, sol.rms = fit_rigid(plan.points[idx], points[np.array(sol.items)])
-    return min(sols, key=lambda s: (round(s.chi2, 6), _rotation_angle_deg(s.r)))
+    return min(
+        sols,
+        key=lambda s: (not _plausible(s, settings), round(s.chi2, 6), _rotation_angle_deg(s.r)),
+    )
 
 
 def _ambiguous(sols: list[_Solution], best: _Solution, settings: LocaliserSettings) -> str | None:
+    """An alternative plausible correspondence, nearly as good, with another target."""
     for sol in sols:
         if sol is best or sol.chi2 - best.chi2 > settings.ambiguity_chi2:
+            continue
+        if not _plausible(sol, settings):
             continue
         off = float(np.linalg.norm(sol.t - best.t))
         if off > settings.ambiguity_mm:
@@ -1461,10 +1669,29 @@ def localise_mono(
     settings: LocaliserSettings = LocaliserSettings(),
 ) -> Localisation:
     """3-D target position from one view and the prior's 3-D Gaussian (module docstring)."""
+    _check_image(image, _geom(geometry))
+    if prior is None or prior.n < settings.mono_min_samples:
+        return localise_mono_candidates((), geometry, plan, prior, t=t, settings=settings)
+    dets, fov = _detect_view(image, geometry, plan, prior, settings, "mono")
+    if fov is not None:
+        return _reject("mono", t, LockReason.OUTSIDE_FIELD_OF_VIEW, fov, plan.n)
+    return localise_mono_candidates(dets, geometry, plan, prior, t=t, settings=settings)
+
+
+def localise_mono_candidates(
+    candidates: Sequence[Detection2D],
+    geometry: ProjectionGeometry,
+    plan: SeedPlan,
+    prior: TargetPrior | None,
+    *,
+    t: float = 0.0,
+    settings: LocaliserSettings = LocaliserSettings(),
+) -> Localisation:
+    """The mono localisation from already detected candidates of one view (see
+    `localise_mono`)."""
     n = plan.n
     min_seeds = min(settings.min_seeds, n)
     g = _geom(geometry)
-    _check_image(image, g)
     if prior is None or prior.n < settings.mono_min_samples:
         have = 0 if prior is None else prior.n
         return _reject(
@@ -1474,9 +1701,7 @@ def localise_mono(
             f"mono needs {settings.mono_min_samples} accepted 3-D positions, have {have}",
             n,
         )
-    dets, fov = _detect_view(image, geometry, plan, prior, settings, "mono")
-    if fov is not None:
-        return _reject("mono", t, LockReason.OUTSIDE_FIELD_OF_VIEW, fov, n)
+    dets = list(candidates)
     cands = (tuple(dets),)
     rej = functools.partial(_reject, "mono", t, n_plan=n, candidates=cands)
     good = [d for d in dets if d.score >= settings.min_score]

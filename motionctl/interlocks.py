@@ -50,8 +50,10 @@ SPECS: dict[str, InterlockSpec] = {
             clear_after_s=0.2,
         ),
         InterlockSpec(
-            "clock_skew", "a device clock stepped away from the controller's by > 0.25 s",
-            "auto", clear_after_s=0.2,
+            "clock_skew",
+            "a device clock stepped away from the controller's by > 0.25 s",
+            "auto",
+            clear_after_s=0.2,
         ),
         InterlockSpec(
             "out_of_range", "a value outside its physical range", "auto", clear_after_s=0.2

@@ -17,8 +17,12 @@ import numpy as np
 COLUMNS = (
     "t",
     "surrogate_mm",
-    "lr_mm", "si_mm", "ap_mm",  # estimated internal position now
-    "pred_lr_mm", "pred_si_mm", "pred_ap_mm",  # predicted at t + horizon
+    "lr_mm",
+    "si_mm",
+    "ap_mm",  # estimated internal position now
+    "pred_lr_mm",
+    "pred_si_mm",
+    "pred_ap_mm",  # predicted at t + horizon
     "uncertainty_mm",
     "beam_on",  # 1.0 / 0.0: the gate's decision at this sample
     "valid",

@@ -80,6 +80,7 @@ def fault_outcome(
         latency = (off[0] - start_s) * 1e3 if off else None
     on_edges = sum(1 for t, on in edges if on and start_s <= t <= end)
     return {
+        "beam_on_at_start": on_at_start,
         "hold_latency_ms": None if latency is None else round(latency, 3),
         "beam_on_edges_during": on_edges,
     }

@@ -333,7 +333,10 @@ class SessionCore:
             self._interlock(t, "no_data", device, last is None)
             stale = last is not None and t - last >= timeout
             age = "" if last is None else f"age {1e3 * (t - last):.0f} ms"
-            self._interlock(t, "stale_data", device, stale, age)
+            # The age is recorded when the interlock is raised, never updated afterwards:
+            # re-evaluations between samples (not recorded) must not change what is logged.
+            held = f"stale_data:{device}" in self.interlocks.active()
+            self._interlock(t, "stale_data", device, stale, "" if held else age)
         for event in self.interlocks.tick(t):
             self._record("events", (event.t, "interlock", event.kind, _key_detail(event)))
 

@@ -8,6 +8,11 @@ A log is never edited in place. Times ``t`` are seconds since the session start 
 controller's monotonic clock; ``t_device`` is the device's own timestamp as sent.
 
 The schema is versioned (``meta.schema_version``) and readable with any SQLite tool.
+
+Tamper evidence: each commit also writes, in the same transaction, one row of the ``chain``
+table: a SHA-256 over the previous digest and every row of the batch (``integrity``
+describes the encoding); the header (meta, config, devices) is chained too. ``verify``
+recomputes the chain. ``meta.closed_utc`` is set when the writer closes the log normally.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from motionctl import __version__
+from motionctl import __version__, integrity
 
 SCHEMA_VERSION = 1
 
@@ -53,6 +58,9 @@ CREATE TABLE beam_acks (
     beam_on INTEGER NOT NULL, n INTEGER NOT NULL);
 CREATE TABLE beam_edges (
     t REAL NOT NULL, beam_on INTEGER NOT NULL, source TEXT NOT NULL, n INTEGER NOT NULL);
+CREATE TABLE chain (
+    batch INTEGER PRIMARY KEY, n_first INTEGER, n_last INTEGER, rows INTEGER NOT NULL,
+    header TEXT, digest TEXT NOT NULL);
 """
 
 TABLES = (
@@ -123,9 +131,14 @@ class SessionLogWriter:
             # The wall-clock time of t0, so device timestamps (wall clock) can be placed on
             # the session's time axis when device and controller share a machine clock.
             "t0_wall": repr(time.time() - (time.monotonic() - t0)),
+            "integrity": integrity.SCHEME,
         }
         self._db.executemany("INSERT INTO meta VALUES (?,?)", meta.items())
         self._db.execute("INSERT INTO config VALUES (?)", (json.dumps(config, sort_keys=True),))
+        # The hash chain: batch 0 covers meta and config (see motionctl.integrity).
+        # (next batch, last digest, last header digest, last rowid chained per table)
+        self._chain = (0, integrity.GENESIS, None, {name: 0 for name in TABLES})
+        self._chain = self._chain_locked({}, header=True)
         self._db.execute("COMMIT")
         self._thread = threading.Thread(target=self._run, name="session-log-writer")
         self._thread.start()
@@ -151,13 +164,28 @@ class SessionLogWriter:
         self._stop.set()
         self._thread.join()
         self._commit()
+        if self.failed is None:
+            try:  # marks a log that ended normally (a killed session's log has no mark)
+                self.set_meta("closed_utc", datetime.now(UTC).isoformat(timespec="milliseconds"))
+            except sqlite3.Error as exc:
+                log.error("session log: could not mark the log closed: %s", exc)
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
 
     # -- writer thread ---------------------------------------------------------------------
     def _execute_now(self, sql: str, params: tuple) -> None:
+        """A header change (meta, devices), committed at once with its own chain row."""
         with self._lock:
-            self._db.execute(sql, params)
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(sql, params)
+                chain = self._chain_locked({}, header=True)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._chain = chain
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -171,10 +199,17 @@ class SessionLogWriter:
         try:
             with self._lock:
                 self._db.execute("BEGIN")
-                for table, rows in batch.items():
-                    if rows:
-                        self._db.executemany(_INSERT[table], rows)
-                self._db.execute("COMMIT")
+                try:
+                    for table, rows in batch.items():
+                        if rows:
+                            self._db.executemany(_INSERT[table], rows)
+                    chain = self._chain_locked(batch, header=False)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._chain = chain
             self.rows_written += sum(len(rows) for rows in batch.values())
         except sqlite3.Error as exc:
             # The record is part of the treatment: losing it holds the beam (via on_failure).
@@ -182,6 +217,46 @@ class SessionLogWriter:
             log.error("session log write failed: %s", self.failed)
             if self.on_failure is not None:
                 self.on_failure(self.failed)
+
+    def _chain_locked(
+        self, batch: dict[str, list[tuple]], header: bool
+    ) -> tuple[int, str, str | None, dict[str, int]]:
+        """Inside the open transaction: the chain row for ``batch`` (rows just inserted) and,
+        if ``header``, for the header as it is now. Returns the chain state to keep once
+        the transaction has committed (the current one if there is nothing to chain)."""
+        number, previous, last_header, last_rowid = self._chain
+        new_header = integrity.header_digest(self._db) if header else None
+        if new_header == last_header:
+            new_header = None
+        # Read the rows back as SQLite stores them: that is what a verifier will read.
+        parts: list[bytes] = []
+        rowids = dict(last_rowid)
+        count, n_first, n_last = 0, None, None
+        for table, queued in batch.items():  # in TABLES order
+            if queued:
+                stored = self._db.execute(
+                    f"SELECT * FROM {table} WHERE rowid > ? ORDER BY rowid",  # noqa: S608
+                    (rowids[table],),
+                ).fetchall()
+                (rowids[table],) = self._db.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()
+                parts.append(integrity.encode_table(table, stored))
+                count += len(stored)
+                first, last = stored[0][-1], stored[-1][-1]
+                n_first = first if n_first is None else min(n_first, first)
+                n_last = last if n_last is None else max(n_last, last)
+        if not count and new_header is None:
+            return self._chain
+        digest = integrity.batch_digest(previous, new_header, b"".join(parts))
+        self._db.execute(
+            "INSERT INTO chain VALUES (?,?,?,?,?,?)",
+            (number, n_first, n_last, count, new_header, digest),
+        )
+        return (number + 1, digest, new_header or last_header, rowids)
+
+
+def verify(path: str | Path) -> integrity.VerifyResult:
+    """Recompute a log's hash chain (``motionctl.integrity.verify``)."""
+    return integrity.verify(path)
 
 
 def open_log(path: str | Path) -> sqlite3.Connection:

@@ -26,9 +26,17 @@ def test_evaluate_prediction_json_per_trace_and_predictor(capsys):
 
 def test_evaluate_correlation_json(capsys):
     lark = shared_data("interact-paired-internal-external", "LARK_liver")
-    args = ["evaluate", "correlation", "--internal", str(lark / "2.Medium_complexity_093.txt"),
-            "--surrogate", str(lark / "2.Medium_complexity_093_resp.txt"),
-            "--imaging-period", "3", "--json"]
+    args = [
+        "evaluate",
+        "correlation",
+        "--internal",
+        str(lark / "2.Medium_complexity_093.txt"),
+        "--surrogate",
+        str(lark / "2.Medium_complexity_093_resp.txt"),
+        "--imaging-period",
+        "3",
+        "--json",
+    ]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0 < result["rms_3d_mm"] < 2.0 and result["p95_3d_mm"] >= result["rms_3d_mm"]
@@ -46,6 +54,8 @@ def test_unknown_format_names_the_file_and_line(tmp_path, capsys):
 def test_unknown_predictor_lists_the_known_ones(tmp_path, capsys):
     trace = tmp_path / "t.txt"
     trace.write_text("".join(f"{i * 0.2:.1f} {i % 7}\n" for i in range(400)))
-    assert main(["evaluate", "prediction", str(trace), "--horizon", "0.4",
-                 "--predictor", "oracle"]) == 2
+    assert (
+        main(["evaluate", "prediction", str(trace), "--horizon", "0.4", "--predictor", "oracle"])
+        == 2
+    )
     assert "ensemble" in capsys.readouterr().err

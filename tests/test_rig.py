@@ -263,6 +263,16 @@ def test_sim_cli_json_summary(tmp_path):
     db = sqlite3.connect(log)
     linac = db.execute("SELECT COUNT(*) FROM beam_edges WHERE source='linac_sim'").fetchone()[0]
     assert linac >= 2  # the simulated linac's own record of beam edges is in the log
+    # and the log replays through the same core, decision for decision
+    replay = subprocess.run(
+        [sys.executable, "-m", "motionctl.cli", "replay", str(log), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    result = json.loads(replay.stdout)
+    assert result["divergences"] == 0 and result["decisions_compared"] > 90
 
 
 def test_rig_and_run_as_separate_processes(tmp_path):
