@@ -90,6 +90,7 @@ def main() -> int:
         log = Path(tmp) / "bench.sqlite"
         command = [sys.executable, "-m", "motionctl.cli", "sim", "--seconds", str(args.seconds)]
         command += ["--log", str(log), "--set", "devices.surface.port=0"]
+        command += ["--set", "devices.xray.port=0"]
         command += ["--set", f"patient.period_s={args.period}"]
         command += ["--set", "session.operator_enable_after_s=1"]
         # The live status lines go to stderr: keep them for an error, off the bench output.

@@ -284,6 +284,7 @@ def _session(args: argparse.Namespace) -> int:
         surface_address = rig.surface.address
         beam_url = rig.linac.path
         spirometer_url = rig.spirometer.path
+        xray_address = rig.xray.address if rig.xray is not None else None
         enable_after = cfg["session"]["operator_enable_after_s"]
         operator = "simulated_operator"
     else:
@@ -291,6 +292,16 @@ def _session(args: argparse.Namespace) -> int:
         surface_address = (surface["host"], surface["port"])
         beam_url = cfg["devices"]["beam"]["url"]
         spirometer_url = cfg["devices"]["spirometer"]["url"]
+        xray = cfg["devices"]["xray"]
+        xray_address = (xray["host"], xray["port"]) if xray["enabled"] else None
+        for name in ("surface", "xray"):
+            if (name == "surface" or xray["enabled"]) and not cfg["devices"][name]["port"]:
+                raise ConfigError(
+                    "the config",
+                    f"devices.{name}.port",
+                    0,
+                    f"the {name} device's TCP port for `run`",
+                )
         if not beam_url:
             raise ConfigError(
                 "the config",
@@ -317,6 +328,7 @@ def _session(args: argparse.Namespace) -> int:
             beam_url=beam_url,
             session_log=writer,
             spirometer_url=spirometer_url,
+            xray_address=xray_address,
         )
         controller.start()
         if schedule is not None:
@@ -414,7 +426,8 @@ def _status_line(controller, elapsed: float) -> str:
     why = "" if decision is None or decision.beam_enabled else f" ({decision.reason_text})"
     device = controller.surrogate_device
     age = st.last_rx.get(device)
-    age_text = "--" if age is None else f"{(time.monotonic() - age) * 1e3:4.0f} ms"
+    now = controller.session_t(time.monotonic())  # the status holds session times
+    age_text = "--" if age is None else f"{(now - age) * 1e3:4.0f} ms"
     est = st.estimate
     axis = controller.cfg["gating"]["axis"]
     target = "--"

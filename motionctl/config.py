@@ -42,12 +42,15 @@ _RULES: dict[str, tuple[Any, str]] = {
     "gating.window_mm": (lambda v: v > 0, "a window width > 0 mm"),
     "gating.max_window_mm": (lambda v: v > 0, "a number > 0 mm"),
     "rig.surface_rate_hz": (lambda v: 1 <= v <= 200, "a rate in [1, 200] Hz"),
+    "imaging.geometry": (lambda v: v in ("stereo", "mono"), 'one of "stereo", "mono"'),
+    "imaging.rate_hz": (lambda v: 0.05 <= v <= 15, "a rate in [0.05, 15] Hz"),
+    "imaging.pair_timeout_s": (lambda v: 0 < v <= 5, "a timeout in (0, 5] s"),
     "rig.spirometer_rate_hz": (lambda v: 1 <= v <= 100, "a rate in [1, 100] Hz"),
     "patient.model": (lambda v: v in ("lujan", "trace"), 'one of "lujan", "trace"'),
 }
 _DEVICE_RULES: dict[str, tuple[Any, str]] = {
     "port": (lambda v: 0 <= v <= 65535, "a TCP port in [0, 65535]"),
-    "stale_timeout_s": (lambda v: 0 < v <= 5, "a timeout in (0, 5] s"),
+    "stale_timeout_s": (lambda v: 0 <= v <= 60, "a timeout in [0, 60] s"),
     "heartbeat_period_s": (lambda v: 0 < v <= 1, "a period in (0, 1] s"),
     "ack_timeout_s": (lambda v: 0 < v <= 1, "a timeout in (0, 1] s"),
     "watchdog_s": (lambda v: 0 < v <= 5, "a timeout in (0, 5] s"),
@@ -92,13 +95,19 @@ def load_config(
 
 def _check_components(cfg: dict[str, Any]) -> None:
     """Rules that involve several keys are the components' own: build them once now."""
-    from motionctl.settings import correlation_params, estimator_settings, gate_settings
+    from motionctl.settings import (
+        correlation_params,
+        estimator_settings,
+        gate_settings,
+        seed_plan,
+    )
 
     source = "the merged config (defaults, site file, --set)"
     for table, build in (
         ("correlation", correlation_params),
         ("tracking", estimator_settings),
         ("gating", gate_settings),
+        ("imaging", seed_plan),
     ):
         try:
             build(cfg)
@@ -172,6 +181,15 @@ def _check_type(source: str, dotted: str, value: Any, default: Any) -> Any:
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
             raise ConfigError(source, dotted, value, "a non-empty list of strings")
         return value
+    if isinstance(default, list) and default and isinstance(default[0], list):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(source, dotted, value, "a non-empty list of [LR, SI, AP] lists")
+        return [_check_type(source, f"{dotted}[{i}]", v, default[0]) for i, v in enumerate(value)]
+    if isinstance(default, list) and dotted.startswith("imaging.seed_"):
+        # one entry per planned seed: any length (the plan checks it against seeds_mm)
+        if not isinstance(value, list) or not value:
+            raise ConfigError(source, dotted, value, "a non-empty list of numbers")
+        return [_check_type(source, f"{dotted}[{i}]", v, default[0]) for i, v in enumerate(value)]
     if isinstance(default, list):
         if not isinstance(value, list) or len(value) != len(default):
             raise ConfigError(source, dotted, value, f"a list of {len(default)} numbers")

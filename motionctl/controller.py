@@ -28,10 +28,19 @@ from motionctl.config import ConfigError
 from motionctl.drivers.beam import Ack, BeamInterface
 from motionctl.drivers.igtl_tracker import IgtlTrackerDriver
 from motionctl.drivers.spirometer import SpirometerDriver
+from motionctl.drivers.xray import XrayImageDriver
+from motionctl.imaging import FiducialWorker
 from motionctl.livestate import LiveTrace
 from motionctl.session import OperatorCommand, SessionCore, SessionStatus
 from motionctl.sessionlog import SessionLogWriter
-from motionctl.types import DeviceEvent, GateDecision, SpirometerSample, SurrogateSample
+from motionctl.settings import seed_plan
+from motionctl.types import (
+    DeviceEvent,
+    FiducialMeasurement,
+    GateDecision,
+    SpirometerSample,
+    SurrogateSample,
+)
 
 log = logging.getLogger("motionctl.controller")
 
@@ -51,6 +60,7 @@ class Controller:
         beam_url: str,
         session_log: SessionLogWriter,
         spirometer_url: str = "",
+        xray_address: tuple[str, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.cfg = cfg
@@ -89,6 +99,21 @@ class Controller:
             self.spirometer = SpirometerDriver(
                 spirometer_url, self._queue.put, name="spirometer", clock=clock
             )
+        self.xray = self.fiducials = None
+        if xray_address is not None:
+            self.fiducials = FiducialWorker(
+                seed_plan(cfg),
+                stereo=cfg["imaging"]["geometry"] == "stereo",
+                deliver=self._queue.put,
+                latest_estimate=lambda: self.core.status.estimate,
+                pair_timeout_s=cfg["imaging"]["pair_timeout_s"],
+                clock=clock,
+            )
+            self.xray = XrayImageDriver(
+                *xray_address, self.fiducials.submit, name="xray", clock=clock
+            )
+            xhost, xport = xray_address
+            self.log.device("xray", cfg["devices"]["xray"]["kind"], f"{xhost}:{xport}")
         self.beam = BeamInterface(
             beam_url,
             name="beam",
@@ -122,6 +147,9 @@ class Controller:
         self.surface.start()
         if self.spirometer is not None:
             self.spirometer.start()
+        if self.xray is not None:
+            self.fiducials.start()
+            self.xray.start()
 
     def stop(self) -> None:
         """Hold the beam and stop the drivers and the loop; idempotent. The log stays open."""
@@ -130,6 +158,9 @@ class Controller:
         self.surface.stop()
         if self.spirometer is not None:
             self.spirometer.stop()
+        if self.xray is not None:
+            self.xray.stop()
+            self.fiducials.stop()
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
@@ -189,6 +220,11 @@ class Controller:
         elif isinstance(item, SpirometerSample):
             self.core.on_spirometer(dataclasses.replace(item, t_rx=session_t(item.t_rx)))
             self._decide(item.t_rx if "spirometer" in self.core.stale_timeout_s else None)
+        elif isinstance(item, FiducialMeasurement):
+            self.core.on_fiducial(
+                dataclasses.replace(item, t_acq=session_t(item.t_acq), t_rx=session_t(item.t_rx))
+            )
+            self._decide(None)
         elif isinstance(item, Ack):
             self.log.add(
                 "beam_acks",

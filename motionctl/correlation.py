@@ -232,6 +232,11 @@ class SurrogateHistory:
     def __len__(self) -> int:
         return self._n
 
+    @property
+    def t_newest(self) -> float:
+        """Time of the newest sample held (nan when empty)."""
+        return self._t[self._head] if self._n else math.nan
+
     def clear(self) -> None:
         self._n = 0
         self._head = -1

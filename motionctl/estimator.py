@@ -86,6 +86,7 @@ class MotionEstimator:
         self._pred_err_n = 0
         self._alpha = 1.0 / max(1.0, settings.error_time_constant_s * settings.rate_hz)
         self._fiducial_reason: str | None = None
+        self.last_check_mm = math.nan  # estimate vs the last X-ray position, 3-D distance
         self.last_model = "none"
 
     # -- the per-sample path: scalar state, no per-sample numpy ---------------------------
@@ -186,14 +187,22 @@ class MotionEstimator:
 
     # -- X-ray fiducial positions ---------------------------------------------------------
     def add_fiducial(self, t: float, position_mm: tuple[float, float, float]) -> PointResult:
-        """Check a measured internal position against the model, then add it as a point."""
+        """Check a measured internal position against the estimate at its acquisition time,
+        then offer it to the correlation model as a point."""
         try:
             features = self.history.features_at(t)
         except ValueError as exc:  # no surrogate history covering the image's time
             return PointResult(None, False, self.correlation.valid, f"no surrogate at t: {exc}")
+        expected = None
+        if self.correlation.valid:
+            expected = self.correlation.predict(features)
+        elif self.s.use_prior and self.correlation.state == "collecting":
+            expected = self._prior(features.s)
         result = self.correlation.add_point(t, features, position_mm)
-        if result.residual_mm is not None and result.residual_mm > self.s.fiducial_tolerance_mm:
-            self._fiducial_reason = "fiducial_disagreement"
-        elif result.residual_mm is not None:
-            self._fiducial_reason = None
+        if expected is not None:
+            self.last_check_mm = math.dist(expected, position_mm)
+            disagree = self.last_check_mm > self.s.fiducial_tolerance_mm
+            self._fiducial_reason = "fiducial_disagreement" if disagree else None
+        else:
+            self.last_check_mm = math.nan
         return result

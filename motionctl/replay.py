@@ -70,7 +70,13 @@ from motionctl.config import (
 )
 from motionctl.session import OperatorCommand, SessionCore
 from motionctl.sessionlog import TABLES, LogFormatError, _beam_time_and_holds
-from motionctl.types import AXES, DeviceEvent, SpirometerSample, SurrogateSample
+from motionctl.types import (
+    AXES,
+    DeviceEvent,
+    FiducialMeasurement,
+    SpirometerSample,
+    SurrogateSample,
+)
 
 __all__ = ["Divergence", "Figures", "ReplayRefused", "ReplayResult", "format_result", "replay"]
 
@@ -80,6 +86,8 @@ FORCED_REASONS = frozenset({"session_stopped", "controller_error"})
 # A new writer of ``events`` rows that are not driver events must be listed here.
 NOT_CORE_SOURCES = frozenset({"controller", "rig"})
 NOT_CORE_EVENTS = frozenset({("beam", "write_error")})
+# Event rows the core itself writes (outputs, compared, never fed back in).
+CORE_OUTPUT_SOURCES = frozenset({"interlock", "correlation"})
 ESTIMATE_COLUMNS = (
     "t",
     "lr_mm",
@@ -101,8 +109,15 @@ WINDOW_KEYS = ("gating.window_mm", "gating.center_mm")
 MAX_EXAMPLES = 20  # divergences kept in detail
 
 # The tables the replay walks, by code.
-_SAMPLE, _SPIRO, _EST, _DEC, _EVENT = range(5)
-_STREAM_TABLES = ("samples", "spirometer_samples", "estimates", "decisions", "events")
+_SAMPLE, _SPIRO, _EST, _DEC, _EVENT, _FIDUCIAL = range(6)
+_STREAM_TABLES = (
+    "samples",
+    "spirometer_samples",
+    "estimates",
+    "decisions",
+    "events",
+    "fiducials",
+)
 
 
 class ReplayRefused(LogFormatError):
@@ -552,6 +567,49 @@ class _Run:
                             )
                 elif code == _EVENT:
                     self._event(row)
+                elif code == _FIDUCIAL:
+                    (
+                        device,
+                        frame_id,
+                        t,
+                        t_acq,
+                        mode,
+                        accepted,
+                        reason,
+                        x,
+                        y,
+                        z,
+                        rx,
+                        ry,
+                        rz,
+                        n_seeds,
+                        residual,
+                        uncertainty,
+                        n,
+                    ) = row
+                    if self.pend_t is not None:
+                        self.resolve_pending()
+                    if what_if:
+                        self.deadlines(t)
+                    self.last_input = f"fiducials n={n} t={t!r}"
+                    core.on_fiducial(
+                        FiducialMeasurement(
+                            device,
+                            frame_id,
+                            t_acq,
+                            t,
+                            mode,
+                            bool(accepted),
+                            reason,
+                            _f3(x, y, z),
+                            _f3(rx, ry, rz),
+                            n_seeds,
+                            _f(residual),
+                            _f(uncertainty),
+                        )
+                    )
+                    # the controller decides after every measurement (a silent decide)
+                    self.pend_t, self.pend_new = max(t, self.t_last), False
                 else:  # _SPIRO
                     device, seq, t, t_device, volume, flow, valve, level, n = row
                     if self.pend_t is not None:
@@ -623,7 +681,7 @@ class _Run:
             return
         self.recorded_events.append(row[:-1])
         self.recorded_event_n.append(n)
-        if source == "interlock":
+        if source in CORE_OUTPUT_SOURCES:
             return  # an output of the core
         if source == "beam" and kind == "fault":
             # Part of the controller's decide: the driver's fault state at that time.
@@ -749,7 +807,7 @@ def _recorded_figures(
     for code, row in stream:
         if code == _EST:
             position, fresh = row[column], True
-        elif code == _SAMPLE or code == _SPIRO:
+        elif code in (_SAMPLE, _SPIRO, _FIDUCIAL):
             continue
         elif code == _DEC:
             t, enabled, reasons, latency, _n = row
@@ -766,6 +824,14 @@ def _recorded_figures(
             except (ValueError, KeyError, TypeError, IndexError):
                 pass
     return _figures(timeline, residuals, first_enable, end_t)
+
+
+def _f(value: float | None) -> float:
+    return math.nan if value is None else value  # SQLite stores NaN as NULL
+
+
+def _f3(x: float | None, y: float | None, z: float | None) -> tuple[float, float, float]:
+    return (_f(x), _f(y), _f(z))
 
 
 def _first_enable(events: list[tuple]) -> float | None:

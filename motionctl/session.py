@@ -27,6 +27,7 @@ from motionctl.interlocks import InterlockMonitor
 from motionctl.settings import correlation_params, estimator_settings, gate_settings
 from motionctl.types import (
     DeviceEvent,
+    FiducialMeasurement,
     GateDecision,
     MotionEstimate,
     SpirometerSample,
@@ -115,6 +116,10 @@ class SessionCore:
         self._last_t_device: dict[str, float] = {}
         self._clock_offset: dict[str, float] = {}  # device clock - session clock, per device
         self._last_decision: GateDecision | None = None
+        # X-ray positions wait here until the surrogate history covers their acquisition
+        # time (a model point must never use a surrogate sample from after the image).
+        self._pending_fiducials: list[FiducialMeasurement] = []
+        self.last_fiducial: FiducialMeasurement | None = None
 
     # -- inputs ---------------------------------------------------------------------------
     def on_surrogate(self, sample: SurrogateSample) -> None:
@@ -146,6 +151,57 @@ class SessionCore:
             ),
         )
         self._report_estimate(sample.t_rx, estimate)
+        if self._pending_fiducials:
+            self._apply_fiducials(sample.t_rx)
+
+    def on_fiducial(self, measurement: FiducialMeasurement) -> None:
+        """A localised X-ray frame, times in session seconds (``t_rx`` received, ``t_acq``
+        mid-exposure). Accepted positions become model points and checks of the estimate
+        once the surrogate history covers ``t_acq``; rejected frames are only recorded."""
+        m = measurement
+        self.last_fiducial = m
+        self._record(
+            "fiducials",
+            (
+                m.device,
+                m.frame_id,
+                m.t_rx,
+                m.t_acq,
+                m.mode,
+                int(m.accepted),
+                m.reason,
+                *m.position_mm,
+                *m.rotation_deg,
+                m.n_seeds,
+                m.residual_mm,
+                m.uncertainty_mm,
+            ),
+        )
+        if m.accepted:
+            # Bounded: if the surrogate stops for good, old images are of no use anyway.
+            self._pending_fiducials = [*self._pending_fiducials[-9:], m]
+            self._apply_fiducials(m.t_rx)
+
+    def _apply_fiducials(self, t: float) -> None:
+        history = self.estimator.history
+        waiting = []
+        for m in self._pending_fiducials:
+            if not (history.t_newest >= m.t_acq):  # also while the history is empty
+                waiting.append(m)
+                continue
+            result = self.estimator.add_fiducial(m.t_acq, m.position_mm)
+            detail = {
+                "frame_id": m.frame_id,
+                "t_acq": m.t_acq,
+                "residual_mm": result.residual_mm,
+                "estimate_miss_mm": self.estimator.last_check_mm,
+                "accepted": result.accepted,
+                "model_valid": result.model_valid,
+                "model": self.estimator.correlation.kind,
+                "reason": result.reason,
+            }
+            self._record("events", (t, "correlation", "model_point", json.dumps(detail)))
+        self._pending_fiducials = waiting
 
     def on_spirometer(self, sample: SpirometerSample) -> None:
         self._count(sample.device, sample.t_rx)

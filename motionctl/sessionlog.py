@@ -43,6 +43,11 @@ CREATE TABLE spirometer_samples (
     device TEXT NOT NULL, seq INTEGER NOT NULL, t REAL NOT NULL, t_device REAL NOT NULL,
     volume_l REAL, flow_l_s REAL, valve_closed INTEGER, feedback_level_l REAL,
     n INTEGER NOT NULL);
+CREATE TABLE fiducials (
+    device TEXT NOT NULL, frame_id INTEGER NOT NULL, t REAL NOT NULL, t_acq REAL NOT NULL,
+    mode TEXT NOT NULL, accepted INTEGER NOT NULL, reason TEXT NOT NULL,
+    lr_mm REAL, si_mm REAL, ap_mm REAL, rot_lr_deg REAL, rot_si_deg REAL, rot_ap_deg REAL,
+    n_seeds INTEGER NOT NULL, residual_mm REAL, uncertainty_mm REAL, n INTEGER NOT NULL);
 CREATE TABLE estimates (
     t REAL NOT NULL, lr_mm REAL, si_mm REAL, ap_mm REAL,
     pred_lr_mm REAL, pred_si_mm REAL, pred_ap_mm REAL, horizon_s REAL NOT NULL,
@@ -66,6 +71,7 @@ CREATE TABLE chain (
 TABLES = (
     "samples",
     "spirometer_samples",
+    "fiducials",
     "estimates",
     "decisions",
     "events",
@@ -75,6 +81,7 @@ TABLES = (
 _INSERT = {
     "samples": "INSERT INTO samples VALUES (?,?,?,?,?,?,?,?)",
     "spirometer_samples": "INSERT INTO spirometer_samples VALUES (?,?,?,?,?,?,?,?,?)",
+    "fiducials": "INSERT INTO fiducials VALUES (" + ",".join("?" * 17) + ")",
     "estimates": "INSERT INTO estimates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "decisions": "INSERT INTO decisions VALUES (?,?,?,?,?)",
     "events": "INSERT INTO events VALUES (?,?,?,?,?)",

@@ -52,3 +52,14 @@ def gate_settings(cfg: dict[str, Any]) -> GateSettings:
         dwell_mm=g["dwell_mm"],
         dwell_s=g["dwell_s"],
     )
+
+
+def seed_plan(cfg: dict[str, Any]):
+    from motionctl.fiducials import SeedPlan
+
+    im = cfg["imaging"]
+    return SeedPlan(
+        seeds_mm=tuple(tuple(s) for s in im["seeds_mm"]),
+        seed_diameter_mm=tuple(im["seed_diameter_mm"]),
+        seed_length_mm=tuple(im["seed_length_mm"]),
+    )

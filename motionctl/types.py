@@ -124,3 +124,23 @@ class SpirometerSample:
     flow_l_s: float  # + inhale
     valve_closed: bool  # the breath-hold valve is closed (patient holding)
     feedback_level: float  # the level shown to the patient on their feedback display, litres
+
+
+@dataclass(frozen=True, slots=True)
+class FiducialMeasurement:
+    """The 3-D target position localised from one X-ray frame (stereo pair or single view),
+    or the reason there is none. ``t_acq`` is the mid-exposure time on the controller's
+    clock; a rejected frame has NaN position and never reaches a model."""
+
+    device: str
+    frame_id: int
+    t_acq: float
+    t_rx: float
+    mode: str  # "stereo" or "mono"
+    accepted: bool
+    reason: str  # "" when accepted
+    position_mm: tuple[float, float, float]
+    rotation_deg: tuple[float, float, float]
+    n_seeds: int
+    residual_mm: float
+    uncertainty_mm: float

@@ -15,6 +15,13 @@ from motionctl.simulators.linac import LinacGatingSim
 from motionctl.simulators.patient import patient_from_config
 from motionctl.simulators.spirometer import SpirometerSim
 from motionctl.simulators.surface_tracker import SurfaceTrackerSim
+from motionctl.simulators.xray_imager import (
+    DEFAULT_SEEDS,
+    Seed,
+    XrayImagerSim,
+    gantry_geometry,
+    room_stereo_geometry,
+)
 
 log = logging.getLogger("motionctl.sim.rig")
 
@@ -36,15 +43,36 @@ class Rig:
         self.spirometer = SpirometerSim(
             self.patient, rate_hz=cfg["rig"]["spirometer_rate_hz"], clock=clock
         )
+        self.xray: XrayImagerSim | None = None
+        if cfg["devices"]["xray"]["enabled"]:
+            imaging = cfg["imaging"]
+            geometries = (
+                room_stereo_geometry()
+                if imaging["geometry"] == "stereo"
+                else (gantry_geometry(imaging["gantry_deg"]),)
+            )
+            self.xray = XrayImagerSim(
+                self.patient,
+                geometries,
+                seeds=_implanted_seeds(imaging),
+                host=cfg["devices"]["xray"]["host"],
+                port=cfg["devices"]["xray"]["port"],
+                rate_hz=imaging["rate_hz"],
+                clock=clock,
+            )
         self.t0: float | None = None
 
     def start(self) -> dict[str, str]:
         self.t0 = self._clock()
         self.surface.t0 = self.spirometer.t0 = self.t0
+        if self.xray is not None:
+            self.xray.t0 = self.t0
         try:
             self.surface.start()
             self.linac.start()
             self.spirometer.start()
+            if self.xray is not None:
+                self.xray.start()
         except Exception:
             self.stop()
             raise
@@ -56,13 +84,19 @@ class Rig:
 
     def addresses(self) -> dict[str, str]:
         host, port = self.surface.address
-        return {
+        addresses = {
             "surface": f"{host}:{port}",
             "spirometer": self.spirometer.path,
             "beam": self.linac.path,
         }
+        if self.xray is not None:
+            xhost, xport = self.xray.address
+            addresses["xray"] = f"{xhost}:{xport}"
+        return addresses
 
     def stop(self) -> None:
+        if self.xray is not None:
+            self.xray.stop()
         self.surface.stop()
         self.spirometer.stop()
         self.linac.stop()
@@ -73,3 +107,30 @@ class Rig:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _implanted_seeds(imaging: dict[str, Any]) -> tuple[Seed, ...]:
+    """The seeds the simulated patient carries: where the plan says, with the sizes it says;
+    orientations (not in a plan) borrowed from the simulator's default constellation."""
+    seeds = []
+    n = len(imaging["seeds_mm"])
+    diameters = _per_seed(imaging["seed_diameter_mm"], n)
+    lengths = _per_seed(imaging["seed_length_mm"], n)
+    for i, offset in enumerate(imaging["seeds_mm"]):
+        template = DEFAULT_SEEDS[i % len(DEFAULT_SEEDS)]
+        coiled = diameters[i] < 0.5  # thin markers are coiled wire, about half gold
+        seeds.append(
+            Seed(
+                tuple(offset),
+                template.axis,
+                lengths[i],
+                diameters[i],
+                0.5 if coiled else 1.0,
+                f"seed_{i + 1}",
+            )
+        )
+    return tuple(seeds)
+
+
+def _per_seed(values: list[float], n: int) -> list[float]:
+    return list(values) * n if len(values) == 1 else list(values)

@@ -55,7 +55,16 @@ def matrix(tmp_path_factory):
         "--set",
         "devices.surface.port=0",
         "--set",
+        "devices.xray.port=0",
+        "--set",
         "session.operator_enable_after_s=0.5",
+        # 1.35 frame periods: a freeze is held within 50 ms (the default, 3 periods, trades
+        # that for fewer nuisance holds when frames jitter)
+        "--set",
+        "devices.surface.stale_timeout_s=0.045",
+        # no X-ray model: a jump of the surrogate would (rightly) invalidate it for good
+        "--set",
+        "devices.xray.enabled=false",
         # a window wide enough that only the faults can hold the beam
         "--set",
         "gating.center_mm=-6",

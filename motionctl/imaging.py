@@ -1,0 +1,155 @@
+"""The live imaging path: X-ray frames in, fiducial measurements out, off the decision thread.
+
+Localising seeds costs milliseconds per stereo pair (and ~100 ms without a prior), far more
+than the controller may spend per surrogate sample, so it runs on its own worker thread:
+the image driver hands frames to ``FiducialWorker.submit``; the worker pairs the two views
+of a stereo frame by frame id, localises with the pure functions of ``motionctl.fiducials``
+(search regions placed around the tracker's latest estimate), and puts one
+``FiducialMeasurement`` per frame into the controller's queue. The session core then
+checks it against the estimate and adds it to the correlation model; the session log
+records the measurement, so replay needs no images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from motionctl.fiducials import (
+    LocaliserSettings,
+    SeedPlan,
+    TargetPrior,
+    localise_mono,
+    localise_stereo,
+)
+from motionctl.types import DeviceEvent, FiducialMeasurement, MotionEstimate, XrayFrame
+
+log = logging.getLogger("motionctl.imaging")
+
+_STOP = object()
+
+
+class FiducialWorker:
+    def __init__(
+        self,
+        plan: SeedPlan,
+        *,
+        stereo: bool,
+        deliver: Callable[[object], None],
+        latest_estimate: Callable[[], MotionEstimate | None],
+        pair_timeout_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        settings: LocaliserSettings | None = None,
+    ):
+        self._plan = plan
+        self._stereo = stereo
+        self._deliver = deliver
+        self._latest_estimate = latest_estimate
+        self._pair_timeout_s = pair_timeout_s
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._settings = settings or LocaliserSettings()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: dict[int, list[XrayFrame]] = {}
+        self._prior = TargetPrior()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fiducial-worker")
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout=5.0)
+        self._thread = None
+
+    def submit(self, item: XrayFrame | DeviceEvent) -> None:
+        """The image driver's sink: frames are localised here, events pass straight on."""
+        if isinstance(item, XrayFrame):
+            self._queue.put(item)
+        else:
+            self._deliver(item)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                self._frame(item)
+            except Exception as exc:  # noqa: BLE001 - a bad frame must not end imaging
+                log.exception("localisation failed")
+                self._deliver(
+                    DeviceEvent(item.device, self._clock(), "localisation_error", repr(exc))
+                )
+
+    def _frame(self, frame: XrayFrame) -> None:
+        self._drop_unpaired(frame.t_rx)
+        if not self._stereo:
+            self._localise([frame])
+            return
+        views = self._pending.setdefault(frame.frame_id, [])
+        views.append(frame)
+        if len(views) == 2:
+            del self._pending[frame.frame_id]
+            self._localise(sorted(views, key=lambda f: f.geometry.imager))
+
+    def _drop_unpaired(self, now: float) -> None:
+        for frame_id, views in list(self._pending.items()):
+            if now - views[0].t_rx > self._pair_timeout_s:
+                del self._pending[frame_id]
+                self._deliver(
+                    DeviceEvent(
+                        views[0].device,
+                        now,
+                        "unpaired_view",
+                        f"frame {frame_id}: {views[0].geometry.imager} only",
+                    )
+                )
+
+    def _localise(self, views: list[XrayFrame]) -> None:
+        first = views[0]
+        # Mid-exposure on the controller's clock: the device stamps wall-clock time.
+        t_acq = first.t_device - (self._wall_clock() - self._clock())
+        prior = self._prior
+        estimate = self._latest_estimate()
+        if estimate is not None and estimate.valid:
+            sigma = estimate.uncertainty_mm if math.isfinite(estimate.uncertainty_mm) else 5.0
+            prior = prior.with_prediction(estimate.position_mm, max(sigma, 1.0))
+        if len(views) == 2:
+            loc = localise_stereo(
+                [(v.image, v.geometry) for v in views],
+                self._plan,
+                prior,
+                t=t_acq,
+                settings=self._settings,
+            )
+        else:
+            loc = localise_mono(
+                first.image, first.geometry, self._plan, prior, t=t_acq, settings=self._settings
+            )
+        if loc.accepted:
+            self._prior = self._prior.update(loc.position_mm, loc.rotation_deg)
+        self._deliver(
+            FiducialMeasurement(
+                device=first.device,
+                frame_id=first.frame_id,
+                t_acq=t_acq,
+                t_rx=max(v.t_rx for v in views),
+                mode=loc.mode,
+                accepted=loc.accepted,
+                reason="" if loc.accepted else f"{loc.reason}: {loc.detail}".strip(": "),
+                position_mm=tuple(float(v) for v in loc.position_mm),
+                rotation_deg=tuple(float(v) for v in loc.rotation_deg),
+                n_seeds=loc.n_seeds,
+                residual_mm=float(loc.residual_mm),
+                uncertainty_mm=float(loc.uncertainty_mm),
+            )
+        )
