@@ -31,7 +31,7 @@ EXPECTED = {
     "beam:garbage": ("beam_interface", "malformed_data:beam"),
     "beam:disconnect": ("beam_interface",),
 }
-SPACING_S, DURATION_S, FIRST_S = 2.0, 0.6, 2.0
+SPACING_S, DURATION_S, FIRST_S = 2.5, 0.6, 2.0
 HOLD_WITHIN_MS = 50.0
 
 
