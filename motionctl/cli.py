@@ -29,6 +29,8 @@ motionctl: respiratory motion management and gating for liver SBRT.
   log info     summarise a session log
   log export   write a session log's tables as CSV
   log verify   check a session log's hash chain
+  qa           QA report (HTML) of session logs; --batch DIR for a folder, in parallel
+  import       import an RPM .vxp, KIM marker log or 6-DoF trace as a session log
   evaluate     prediction and correlation accuracy on recorded traces
 """
 
@@ -160,6 +162,67 @@ def build_parser() -> argparse.ArgumentParser:
     export = logsub.add_parser("export", help="write every table as CSV")
     export.add_argument("file")
     export.add_argument("--csv", required=True, metavar="DIR", help="output folder")
+    qa = sub.add_parser(
+        "qa",
+        help="QA report of session logs (one HTML file); --batch DIR for a whole folder",
+        description="Verify, replay and review session logs: one self-contained HTML report "
+        "(summary, trace with beam-on and window, duty cycle, residual motion, holds, "
+        "latencies, X-ray checks, interlocks, faults, TG-142 gating timing). With --batch DIR "
+        "every *.sqlite in DIR gets OUT/<name>.html and one OUT/summary.csv, in parallel on "
+        "local cores or on a Dask cluster (--scheduler). Exit status: 0 all reviewed, "
+        "verified and TG-142 not failed; 1 a TG-142 failure, a replay divergence or an "
+        "unverified log (--force); 2 a log could not be reviewed, or bad input.",
+    )
+    qa.add_argument("logs", nargs="*", metavar="LOG", help="session logs for one report")
+    qa.add_argument("--batch", metavar="DIR", help="review every *.sqlite log in DIR")
+    qa.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="the report file (LOG...), or the output folder (--batch)",
+    )
+    qa.add_argument(
+        "--force",
+        action="store_true",
+        help="review logs that fail verification (every figure marked UNVERIFIED)",
+    )
+    qa.add_argument(
+        "--beam-delay",
+        type=float,
+        metavar="S",
+        help="the beam's delay after the recorded gating edge, for the TG-142 check "
+        "(default: the log's tracking.horizon_s)",
+    )
+    qa.add_argument(
+        "--workers", type=int, metavar="N", help="--batch: local worker processes (default: CPUs)"
+    )
+    qa.add_argument(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        help="--batch: run on this existing Dask distributed scheduler instead",
+    )
+    qa.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+    imp = sub.add_parser(
+        "import",
+        help="import an RPM .vxp, KIM marker log or 6-DoF trace as a session log",
+        description="Write a new, hash-chained session log from a Varian RPM .vxp (1.5, 1.6), "
+        "a KIM marker log (file or session folder), a 6-DoF or HexaMotion trace (ground "
+        "truth) or a 2-column surrogate trace. Patient_ID is stored only as its SHA-256. "
+        "The log has no decisions: `replay` and `qa` treat it as a what-if.",
+    )
+    imp.add_argument("file", metavar="FILE")
+    imp.add_argument("--out", required=True, metavar="LOG", help="the session log to write")
+    imp.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="config of the written log (e.g. the gating window a what-if uses); repeatable",
+    )
+    imp.add_argument("--json", action="store_true", help="print the import summary as JSON")
+
     evaluate = sub.add_parser(
         "evaluate",
         help="prediction and correlation accuracy on recorded traces",
@@ -212,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             return _log_verify(args)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "qa":
+            return _qa(args, parser)
+        if args.command == "import":
+            return _import(args)
         if args.command == "log" and args.log_command == "export":
             for path in export_csv(args.file, args.csv):
                 print(path)
@@ -534,6 +601,82 @@ def _replay(args: argparse.Namespace) -> int:
     result = replay(args.file, args.overrides, force=args.force)
     print(result.to_json() if args.json else format_result(result))
     return result.exit_status
+
+
+def _qa(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if bool(args.batch) == bool(args.logs):
+        parser.error("qa: give session logs (LOG...) or --batch DIR, not both or neither")
+    if not args.batch and (args.workers is not None or args.scheduler):
+        parser.error("qa: --workers and --scheduler go with --batch")
+    if args.batch:
+        from motionctl.batch import run_batch
+
+        try:
+            batch = run_batch(
+                args.batch,
+                args.out,
+                workers=args.workers,
+                scheduler=args.scheduler,
+                force=args.force,
+                beam_delay_s=args.beam_delay,
+            )
+        except (OSError, TimeoutError, ValueError) as exc:  # no folder, no scheduler
+            print(f"motionctl: qa --batch: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps({"summary": str(batch.summary_csv), "rows": batch.rows}, indent=2))
+        else:
+            for row in batch.rows:
+                print(
+                    f"{row['file']}: {row['status']}, TG-142 {row['tg142']}"
+                    + (f" ({row['error']})" if row["error"] else "")
+                )
+            print(
+                f"{len(batch.rows)} logs, {len(batch.failed)} failed, {batch.wall_s:.1f} s "
+                f"({batch.mode}, {batch.workers} workers); summary: {batch.summary_csv}"
+            )
+        return batch.exit_status
+    from motionctl.report import write_report
+
+    report = write_report(args.logs, args.out, force=args.force, beam_delay_s=args.beam_delay)
+    if args.json:
+        print(
+            json.dumps(
+                {"report": str(report.out), "sessions": [s.row() for s in report.sessions]},
+                indent=2,
+            )
+        )
+    else:
+        for s in report.sessions:
+            print(
+                f"{s.name}: {s.status}, {'verified' if s.verified else 'NOT VERIFIED'}, "
+                f"TG-142 {s.tg142}" + (f" ({s.error})" if s.error else "")
+            )
+        print(f"report: {report.out}")
+    return report.exit_status
+
+
+def _import(args: argparse.Namespace) -> int:
+    from motionctl.importers import ImportRefused, import_file
+
+    try:
+        summary = import_file(args.file, args.out, overrides=args.overrides)
+    except ImportRefused as exc:
+        print(f"motionctl: import refused: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(
+            f"{summary.source} ({summary.format}) -> {summary.log}: {summary.duration_s:.1f} s, "
+            f"{summary.samples} samples ({summary.invalid_samples} invalid in "
+            f"{summary.invalid_gaps} gaps), {summary.fiducials} fiducial frames, "
+            f"{summary.beam_edges} beam edges"
+            + (f" from {summary.ttl_source}" if summary.ttl_source else "")
+        )
+        for note in summary.notes:
+            print(f"note: {note}")
+    return 0
 
 
 def _log_verify(args: argparse.Namespace) -> int:

@@ -86,6 +86,8 @@ FORCED_REASONS = frozenset({"session_stopped", "controller_error"})
 # A new writer of ``events`` rows that are not driver events must be listed here.
 NOT_CORE_SOURCES = frozenset({"controller", "rig"})
 NOT_CORE_EVENTS = frozenset({("beam", "write_error")})
+# Samples stored under this device are an imported ground-truth channel, not a surrogate.
+GROUND_TRUTH_DEVICE = "ground_truth"
 # Event rows the core itself writes (outputs, compared, never fed back in).
 CORE_OUTPUT_SOURCES = frozenset({"interlock", "correlation"})
 ESTIMATE_COLUMNS = (
@@ -482,6 +484,8 @@ class _Run:
             try:
                 if code == _SAMPLE:
                     device, seq, t, t_device, x, y, z, n = row
+                    if device == GROUND_TRUTH_DEVICE:
+                        continue  # an imported truth channel: for figures, not an input
                     if self.pend_t is not None:
                         self.resolve_pending()
                     if what_if:

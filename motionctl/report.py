@@ -44,10 +44,11 @@ when the gate acts on a prediction?
 
 Other definitions: duty cycle, residual motion (|estimated position on the gated axis -
 window centre| at each beam-on surrogate decision) and holds come from ``replay`` (recorded
-figures; an import's what-if figures). "Holds" in the summary row counts hold episodes
-other than ``operator_not_enabled``, ``debounce`` and ``session_stopped``. Samples of device
-``ground_truth`` (``motionctl.importers``) are truth, never a surrogate: they are drawn and,
-with a beam state, give a ground-truth residual.
+figures; an import's what-if figures). "Holds" in the summary row counts interruptions:
+hold episodes for any reason but the gate's own cycle (``outside_window``, the phase and
+breath-hold conditions, ``debounce``), ``operator_not_enabled`` and ``session_stopped``.
+Samples of device ``ground_truth`` (``motionctl.importers``) are truth, never a surrogate:
+they are drawn and, with a beam state, give a ground-truth residual.
 """
 
 from __future__ import annotations
@@ -87,7 +88,19 @@ TOLERANCE_S = 0.100  # TG-142: gating on/off within 100 ms of expected
 MATCH_RADIUS_S = 1.0  # an edge further than this from every expected transition is unmatched
 MAX_SAMPLE_GAP_S = 0.5  # no crossing is interpolated across a longer gap
 WINDOW_REASONS = frozenset({"outside_window", "debounce"})
-NOT_HOLDS = frozenset({"operator_not_enabled", "debounce", "session_stopped"})
+# Not counted as "holds" (interruptions) in the summary row: the gate's own cycle, the
+# operator's enable and the session's end.
+NOT_HOLDS = frozenset(
+    {
+        "operator_not_enabled",
+        "debounce",
+        "session_stopped",
+        "outside_window",
+        "outside_phase_window",
+        "outside_breath_hold_tolerance",
+        "breath_hold_not_stable",
+    }
+)
 EDGE_SOURCE_ORDER = ("linac_sim",)  # preferred; then other box sources; then rpm_ttl
 IMPORT_EDGE_SOURCES = ("rpm_ttl", "rpm_ttlin")
 MAX_TABLE_ROWS = 60
@@ -180,6 +193,7 @@ class SessionReport:
     tg142_edges: int = 0
     tg142_failures: int = 0
     tg142_reason: str = ""
+    timing: TimingCheck | None = field(default=None, repr=False)  # the check, edge by edge
 
     def row(self) -> dict[str, Any]:
         def r(value: float | None, digits: int = 6) -> Any:
@@ -285,11 +299,15 @@ def analyse_session(
         body = _Session(path, session, force, beam_delay_s).render()
     except (LogFormatError, ConfigError, OSError) as exc:
         session.status, session.error = "failed", _one_line(exc)
-        body = _bad(f"This file could not be reviewed: {html.escape(str(exc))}")
+        body = _bad(f"This file could not be reviewed: {html.escape(session.error)}")
     except Exception as exc:  # noqa: BLE001 - one bad log must not stop a report or a batch
         session.status = "failed"
         session.error = f"{type(exc).__name__}: {_one_line(exc)}"
         body = _bad(f"Internal error while reviewing this log: {html.escape(session.error)}")
+    # The report names the log by its file name: no folder names (they may name a patient),
+    # and the same text wherever the log was reviewed.
+    session.error = session.error.replace(str(path), session.name)
+    body = body.replace(html.escape(str(path)), html.escape(session.name))
     return session, _section_frame(index, session, body)
 
 
@@ -332,7 +350,9 @@ class _Session:
 
         self.result = replay(self.path, force=self.force)
         r = self.result
-        self.out.duration_s = r.duration_s
+        # replay's end of session is the last sample/decision/event; an import of X-ray
+        # frames only has none of those
+        self.out.duration_s = r.duration_s if r.duration_s > 0 else self.end_t
         self.out.what_if = r.what_if
         self.out.decisions_compared = r.decisions_compared
         self.out.divergences = r.divergences
@@ -372,7 +392,17 @@ class _Session:
                 )
             )
         self.data = self._arrays()
-        self.timing = self._timing()
+        try:
+            self.timing = self._timing()
+        except Exception as exc:  # noqa: BLE001 - a damaged (forced) log: say so, go on
+            self.timing = TimingCheck(
+                NOT_ASSESSED,
+                f"the check could not be computed: {_one_line(exc)}",
+                edge_source=self.data["edge_source"],
+                target_source="",
+                beam_delay_s=self.beam_delay,
+            )
+        self.out.timing = self.timing
         self.out.tg142 = self.timing.verdict
         self.out.tg142_edges = self.timing.assessed
         self.out.tg142_failures = self.timing.failures
@@ -596,20 +626,33 @@ class _Session:
         if self.end_t > 90 and first_on is not None:
             start = max(0.0, first_on - 5.0)
             out.append(_img(_trace_figure(self, start, start + 30.0, "30 s detail")))
-        caption = (
-            f"Gated axis {self.axis_name}: the estimated internal position (solid) and the "
-            f"position predicted {self.horizon:g} s ahead (thin, what the gate compares); the "
-            "band is the gating window (config plus the operator's window changes); shaded: "
-            f"beam on (from {html.escape(d['edge_source'])})."
-        )
+        parts = []
+        if np.isfinite(d["est_pos"]).any():
+            parts.append(
+                f"Gated axis {self.axis_name}: the estimated internal position (solid) and the "
+                f"position predicted {self.horizon:g} s ahead (thin: what the gate compares)"
+            )
         if d["gt_xyz"] is not None:
-            caption += " Ground truth (device ground_truth) in black."
+            parts.append(f"ground truth (device ground_truth, {self.axis_name}) in black")
         if self.tables["fiducials"]:
-            caption += " Dots: X-ray fiducial positions (accepted: filled; rejected: x)."
-        caption += (
-            f" Lower panel: the surrogate ({html.escape(d['surrogate_device'])}, "
-            f"{d['surrogate_axis']}); red: invalid samples (kept, never interpolated)."
-        )
+            parts.append(
+                f"dots: X-ray fiducial positions on {self.axis_name} (accepted filled, rejected x)"
+            )
+        if parts:
+            parts.append(
+                "the band is the gating window (config plus the operator's window changes)"
+            )
+        if d["edges"]:
+            parts.append(f"shaded: beam on (from {html.escape(d['edge_source'])})")
+        else:
+            parts.append("no beam-on interval in the log")
+        if len(d["sur_t"]):
+            parts.append(
+                f"lower panel: the surrogate ({html.escape(d['surrogate_device'])}, "
+                f"{d['surrogate_axis']}); red: invalid samples (kept, never interpolated)"
+            )
+        caption = "; ".join(parts) + "."
+        caption = caption[0].upper() + caption[1:]
         out.append(f"<p class=caption>{caption}</p>")
         return "\n".join(out)
 
@@ -801,6 +844,18 @@ class _Session:
                     rows,
                     numeric_from=1,
                 )
+            )
+            means = []
+            for label, on in (("on", True), ("off", False)):
+                lat = [e.latency_s for e in window_edges if e.beam_on == on]
+                if lat:
+                    means.append(f"{label} {(np.mean(lat) + tc.beam_delay_s) * 1e3:+.0f} ms")
+            out.append(
+                "<p class=caption>Another beam delay <i>d</i> moves every window-edge latency "
+                f"by ({tc.beam_delay_s * 1e3:.0f} ms − <i>d</i>): with <i>d</i> = 0 (the beam "
+                f"exactly at the recorded edge) the mean latencies would be {', '.join(means)} "
+                "(same pairing). A constant offset points at the delay or the prediction's lead; "
+                "scatter points at prediction error.</p>"
             )
             out.append(_img(_timing_figure(tc)))
         failing = [e for e in tc.edges if e.verdict == FAIL]
@@ -1229,9 +1284,9 @@ def gating_timing(
         e.verdict = PASS if abs(e.latency_s) <= tolerance_s else FAIL
         if e.verdict == FAIL:
             e.note = (
-                "the beam switched after the target crossed"
+                "late: after the target crossing minus the beam delay"
                 if e.latency_s > 0
-                else "the beam switched before the target crossed"
+                else "early: before the target crossing minus the beam delay"
             )
     for i in window_edges:
         if i not in used_edges:
@@ -1591,7 +1646,8 @@ def _png(fig) -> bytes:
 
 def _envelope(t: np.ndarray, y: np.ndarray, points: int = PLOT_POINTS):
     """At most ``points`` points that keep every peak (min and max per bucket); NaN gaps
-    stay gaps."""
+    stay gaps, and so do gaps in time (no line is drawn across missing samples)."""
+    t, y = _break_gaps(np.asarray(t, dtype=float), np.asarray(y, dtype=float))
     n = len(t)
     if n <= points:
         return t, y
@@ -1611,6 +1667,17 @@ def _envelope(t: np.ndarray, y: np.ndarray, points: int = PLOT_POINTS):
     return np.asarray(out_t), np.asarray(out_y)
 
 
+def _break_gaps(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(t) < 3:
+        return t, y
+    dt = np.diff(t)
+    limit = max(0.25, 3.0 * float(np.median(dt)))
+    gaps = np.flatnonzero(dt > limit) + 1
+    if not gaps.size:
+        return t, y
+    return np.insert(t, gaps, t[gaps - 1] + dt[gaps - 1] / 2), np.insert(y, gaps, np.nan)
+
+
 def _window_steps(window, t0: float, t1: float):
     wt, lo, hi = window
     times = [t0] + [t for t in wt[1:] if t0 < t < t1] + [t1]
@@ -1619,25 +1686,23 @@ def _window_steps(window, t0: float, t1: float):
 
 
 def _shade_beam(ax, intervals, t0: float, t1: float, label: str) -> None:
-    first = True
-    for a, b in intervals:
-        if b < t0 or a > t1:
-            continue
-        ax.axvspan(
-            max(a, t0),
-            min(b, t1),
+    spans = [(max(a, t0), min(b, t1) - max(a, t0)) for a, b in intervals if b >= t0 and a <= t1]
+    if spans:
+        ax.broken_barh(
+            spans,
+            (0, 1),
+            transform=ax.get_xaxis_transform(),
             color="#fbbf24",
             alpha=0.28,
             lw=0,
-            label=label if first else None,
+            label=label,
         )
-        first = False
 
 
 def _trace_figure(s: _Session, t0: float, t1: float, title: str) -> bytes:
     d = s.data
     has_est = np.isfinite(d["est_pos"]).any()
-    has_gt = d["gt_xyz"] is not None
+    has_gt = d["gt_xyz"] is not None or bool(s.tables["fiducials"])
     has_sur = len(d["sur_t"]) > 0
     rows = int(has_est or has_gt) + int(has_sur)
     rows = max(rows, 1)
@@ -1660,7 +1725,7 @@ def _trace_figure(s: _Session, t0: float, t1: float, title: str) -> bytes:
             ax.plot(
                 tt, yy, color="#7c3aed", lw=0.7, alpha=0.8, label=f"predicted (+{s.horizon:g} s)"
             )
-        if has_gt:
+        if d["gt_xyz"] is not None:
             g = (d["gt_t"] >= t0) & (d["gt_t"] <= t1)
             tt, yy = _envelope(d["gt_t"][g], d["gt_xyz"][g, s.axis])
             ax.plot(tt, yy, color="black", lw=1.0, label="ground truth")
@@ -1735,7 +1800,9 @@ def _holds_figure(intervals: dict[str, list[tuple[float, float]]], end_t: float)
     ax.set_xlabel("session time (s)")
     ax.set_xlim(0, max(end_t, 1e-3))
     ax.set_title(
-        "Hold reasons over time (grey: not a hold of the patient's treatment)", fontsize=10
+        "Hold reasons over time (red: interruptions; grey: the gate's own cycle, the "
+        "operator's enable, the session's end)",
+        fontsize=10,
     )
     return _png(fig)
 
@@ -1747,12 +1814,16 @@ def _latency_figure(dec: list[float], acks: dict[str, list[float]]) -> bytes:
     data = [np.asarray([x for x in v if math.isfinite(x)]) * 1e3 for _, v in series]
     keep = [(label, a) for (label, _), a in zip(series, data, strict=True) if a.size]
     if keep:
+        import matplotlib
+
+        major, minor = (int(v) for v in matplotlib.__version__.split(".")[:2])
+        horizontal = {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
         ax.boxplot(
             [a for _, a in keep],
-            vert=False,
             whis=(1, 99),
             showfliers=True,
             flierprops={"markersize": 2},
+            **horizontal,
         )
         ax.set_yticks(range(1, len(keep) + 1), [label for label, _ in keep], fontsize=8)
         ax.set_xscale("log")
