@@ -88,7 +88,15 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "bench.sqlite"
-        command = [sys.executable, "-m", "motionctl.cli", "sim", "--seconds", str(args.seconds)]
+        command = [
+            sys.executable,
+            "-m",
+            "motionctl.cli",
+            "sim",
+            "--headless",
+            "--seconds",
+            str(args.seconds),
+        ]
         command += ["--log", str(log), "--set", "devices.surface.port=0"]
         command += ["--set", "devices.xray.port=0"]
         command += ["--set", f"patient.period_s={args.period}"]

@@ -22,9 +22,10 @@ from motionctl.sessionlog import LogFormatError, SessionLogWriter, export_csv, s
 DESCRIPTION = """\
 motionctl: respiratory motion management and gating for liver SBRT.
 
-  sim          the simulated treatment session: rig + controller (the demo)
+  sim          the simulated treatment session: rig + controller + console (the demo)
   rig          the simulated devices alone; prints their addresses
   run          the controller against the devices named in the config
+  console      open a recorded session in the operator console (review)
   replay       replay a session log through the core and compare; what-if with --set
   log info     summarise a session log
   log export   write a session log's tables as CSV
@@ -69,6 +70,19 @@ def _add_fault_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_console_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--headless",
+        action="store_true",
+        help="no operator console even if a display is available (a live status line instead)",
+    )
+    parser.add_argument(
+        "--screenshot",
+        metavar="PNG",
+        help="save a PNG of the console at the end (works without a display: offscreen)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="motionctl",
@@ -94,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="session log to write (default: new file in session.sessions_dir)",
     )
     sim.add_argument("--json", action="store_true", help="end with a JSON summary on stdout")
+    _add_console_options(sim)
     _add_fault_option(sim)
 
     rig = sub.add_parser(
@@ -117,12 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seconds", type=float, help="stop by itself after N seconds")
     run.add_argument("--log", metavar="FILE", help="session log to write")
     run.add_argument("--json", action="store_true", help="end with a JSON summary on stdout")
+    _add_console_options(run)
     run.add_argument(
         "--enable-after",
         type=float,
         metavar="S",
         help="enable the beam S seconds after start (logged as operator 'cli')",
     )
+
+    console = sub.add_parser(
+        "console",
+        help="open a recorded session in the operator console (review)",
+        description="Open a session log in the console's widgets and scrub through it: the "
+        "trace, beam-on intervals, holds with their reasons, interlocks.",
+    )
+    console.add_argument("--log", required=True, metavar="FILE", help="the session log")
+    console.add_argument("--screenshot", metavar="PNG", help="save a PNG of the window")
+    console.add_argument("--seconds", type=float, help="close by itself after N s (0: at once)")
 
     rp = sub.add_parser(
         "replay",
@@ -275,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return _log_verify(args)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "console":
+            return _console_review(args)
         if args.command == "qa":
             return _qa(args, parser)
         if args.command == "import":
@@ -336,6 +364,7 @@ def _default_log_path(cfg: dict[str, Any]) -> Path:
 
 
 def _session(args: argparse.Namespace) -> int:
+    use_console = _want_console(args)
     from motionctl.controller import Controller
 
     cfg = load_config(args.config, args.overrides)
@@ -400,7 +429,23 @@ def _session(args: argparse.Namespace) -> int:
         controller.start()
         if schedule is not None:
             schedule.start()
-        _supervise(controller, stop, args.seconds, enable_after, operator, cfg)
+        if use_console:
+            from motionctl.gui.console import run_console
+
+            status = run_console(
+                controller,
+                seconds=args.seconds,
+                screenshot=args.screenshot,
+                stop=stop,
+                on_tick=_operator_on_tick(controller, enable_after, operator),
+            )
+            if status != 0:
+                print(
+                    "motionctl: the console ended abnormally; the session was recorded",
+                    file=sys.stderr,
+                )
+        else:
+            _supervise(controller, stop, args.seconds, enable_after, operator, cfg)
     finally:
         if schedule is not None:
             schedule.stop()
@@ -421,6 +466,56 @@ def _session(args: argparse.Namespace) -> int:
     else:
         print(_format_summary(summary), file=sys.stderr)
     return 0
+
+
+def _want_console(args: argparse.Namespace) -> bool:
+    """The console opens when a display is available, unless --headless; --screenshot also
+    works without a display (Qt's offscreen platform paints into a buffer)."""
+    import os
+
+    if args.headless and not args.screenshot:
+        return False
+    from motionctl.gui.console import display_available
+
+    if display_available():
+        return True
+    if args.screenshot:
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+        return True
+    return False
+
+
+def _operator_on_tick(controller, enable_after: float | None, operator: str):
+    """The simulated (sim) or --enable-after (run) operator, in the console's loop."""
+    enabled = False
+
+    def on_tick(elapsed_s: float) -> None:
+        nonlocal enabled
+        if not enabled and enable_after is not None and elapsed_s >= enable_after:
+            controller.set_operator_enable(True, who=operator)
+            enabled = True
+
+    return on_tick
+
+
+def _console_review(args: argparse.Namespace) -> int:
+    import os
+
+    from motionctl.gui.console import display_available
+
+    if not display_available():
+        if not args.screenshot:
+            print(
+                "motionctl: no display for the console: set DISPLAY or WAYLAND_DISPLAY, or "
+                "give --screenshot to render it offscreen",
+                file=sys.stderr,
+            )
+            return 2
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    from motionctl.gui.review import run_review
+
+    seconds = args.seconds if args.seconds is not None else (0 if args.screenshot else None)
+    return run_review(args.log, args.screenshot, seconds=seconds)
 
 
 def _record_rig(rig, schedule, writer: SessionLogWriter) -> list[dict]:

@@ -100,7 +100,9 @@ class MotionEstimator:
                 t, _NAN3, _NAN3, self.s.horizon_s, False, state.reasons, model="none"
             )
         reasons = [r for r in state.reasons if r in ("gap",)]
-        if "gap" in state.reasons:
+        if "gap" in state.reasons or "surrogate_jump" in state.reasons:
+            # Across a gap or a jump the history no longer describes this breathing: a
+            # predictor that learnt from it would forecast the artefact.
             self._restart()
         value = state.value_mm
         self.history.append(t, value)

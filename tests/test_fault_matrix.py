@@ -47,6 +47,7 @@ def matrix(tmp_path_factory):
         "-m",
         "motionctl.cli",
         "sim",
+        "--headless",
         "--seconds",
         str(seconds),
         "--json",

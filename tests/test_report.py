@@ -40,6 +40,7 @@ def sim_log(tmp_path_factory):
             "-m",
             "motionctl.cli",
             "sim",
+            "--headless",
             "--seconds",
             "5",
             "--log",

@@ -190,6 +190,7 @@ def test_sigkill_of_the_sim_leaves_a_readable_log(tmp_path):
             "-m",
             "motionctl.cli",
             "sim",
+            "--headless",
             "--seconds",
             "60",
             "--log",
@@ -247,6 +248,7 @@ def test_sim_cli_json_summary(tmp_path):
             "-m",
             "motionctl.cli",
             "sim",
+            "--headless",
             "--seconds",
             "4",
             "--json",
@@ -313,6 +315,7 @@ def test_rig_and_run_as_separate_processes(tmp_path):
                 "-m",
                 "motionctl.cli",
                 "run",
+                "--headless",
                 "--seconds",
                 "3",
                 "--json",
@@ -351,7 +354,7 @@ def test_rig_and_run_as_separate_processes(tmp_path):
     ],
 )
 def test_run_without_its_devices_is_refused(overrides, key):
-    command = [sys.executable, "-m", "motionctl.cli", "run", "--seconds", "1"]
+    command = [sys.executable, "-m", "motionctl.cli", "run", "--headless", "--seconds", "1"]
     for item in overrides:
         command += ["--set", item]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
