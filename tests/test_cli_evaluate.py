@@ -59,3 +59,26 @@ def test_unknown_predictor_lists_the_known_ones(tmp_path, capsys):
         == 2
     )
     assert "ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("geometry", ["stereo", "mono"])
+def test_evaluate_detection_reports_rates_and_errors(capsys, geometry):
+    # mono localises with the Gaussian learnt from the first 10 stereo positions
+    args = ["evaluate", "detection", "--geometry", geometry, "--frames", "16", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["geometry"] == geometry and result["frames"] > 0
+    if geometry == "stereo":
+        assert result["detection_rate"] > 0.9 and result["false_lock_rate"] == 0.0
+        assert result["rms_3d_mm"] < 0.3
+    else:
+        assert result["accepted_rate"] > 0.5 and result["rms_3d_mm"] < 1.5
+
+
+def test_evaluate_kim_log_against_its_robot_trace(capsys):
+    kim = shared_data("kim-qa-trajectories")
+    session = kim / "Test Files" / "Varian" / "Dynamic" / "Large_SI"
+    trace = kim / "Robot traces" / "LiverTraj_LargeSI70s_robot.txt"
+    assert main(["evaluate", "kim-log", str(session), "--trace", str(trace), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_frames"] > 500 and result["rms_3d_mm"] < 1.0 and result["kim_qa_pass"]
