@@ -71,17 +71,11 @@ def run_once(mode: str, seconds: float, warmup: float, span_s: float, log: Path)
     from motionctl.sessionlog import SessionLogWriter
     from motionctl.simulators.rig import Rig
 
-    cfg = load_config(None, ["devices.surface.port=0"])
+    cfg = load_config(None, ["devices.surface.port=0", "devices.xray.enabled=false"])
     rig = Rig(cfg)
     rig.start()
     writer = SessionLogWriter(log, cfg, t0=time.monotonic())
-    controller = Controller(
-        cfg,
-        surface_address=rig.surface.address,
-        beam_url=rig.linac.path,
-        session_log=writer,
-        spirometer_url=rig.spirometer.path,
-    )
+    controller = Controller(cfg, session_log=writer, **rig.endpoints())
     controller.start()
     marks: dict[str, dict] = {}
 

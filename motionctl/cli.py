@@ -402,19 +402,19 @@ def _session(args: argparse.Namespace) -> int:
         schedule = FaultSchedule(args.fault, rig.fault_targets())  # refuses bad faults first
         rig.start()
         schedule.t0 = rig.t0
-        surface_address = rig.surface.address
-        beam_url = rig.linac.path
-        spirometer_url = rig.spirometer.path
-        xray_address = rig.xray.address if rig.xray is not None else None
+        endpoints = rig.endpoints()
         enable_after = cfg["session"]["operator_enable_after_s"]
         operator = "simulated_operator"
     else:
-        surface = cfg["devices"]["surface"]
-        surface_address = (surface["host"], surface["port"])
-        beam_url = cfg["devices"]["beam"]["url"]
-        spirometer_url = cfg["devices"]["spirometer"]["url"]
-        xray = cfg["devices"]["xray"]
-        xray_address = (xray["host"], xray["port"]) if xray["enabled"] else None
+        devices = cfg["devices"]
+        surface, xray = devices["surface"], devices["xray"]
+        endpoints = {
+            "surface_address": (surface["host"], surface["port"]),
+            "beam_url": devices["beam"]["url"],
+            "spirometer_url": devices["spirometer"]["url"],
+            "xray_address": (xray["host"], xray["port"]) if xray["enabled"] else None,
+        }
+        beam_url = endpoints["beam_url"]
         for name in ("surface", "xray"):
             if (name == "surface" or xray["enabled"]) and not cfg["devices"][name]["port"]:
                 raise ConfigError(
@@ -443,14 +443,7 @@ def _session(args: argparse.Namespace) -> int:
             commit_interval_s=cfg["session"]["commit_interval_s"],
         )
         print(f"session log: {log_path}", file=sys.stderr, flush=True)
-        controller = Controller(
-            cfg,
-            surface_address=surface_address,
-            beam_url=beam_url,
-            session_log=writer,
-            spirometer_url=spirometer_url,
-            xray_address=xray_address,
-        )
+        controller = Controller(cfg, session_log=writer, **endpoints)
         controller.start()
         if schedule is not None:
             schedule.start()

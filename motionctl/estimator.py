@@ -99,10 +99,10 @@ class MotionEstimator:
             return MotionEstimate(
                 t, _NAN3, _NAN3, self.s.horizon_s, False, state.reasons, model="none"
             )
-        reasons = [r for r in state.reasons if r in ("gap",)]
-        if "gap" in state.reasons or "surrogate_jump" in state.reasons:
-            # Across a gap or a jump the history no longer describes this breathing: a
-            # predictor that learnt from it would forecast the artefact.
+        # Across a gap or a jump the history no longer describes this breathing: a
+        # predictor that learnt from it would forecast the artefact.
+        reasons = [r for r in state.reasons if r in ("gap", "surrogate_jump")]
+        if reasons:
             self._restart()
         value = state.value_mm
         self.history.append(t, value)
@@ -137,11 +137,10 @@ class MotionEstimator:
 
         if any(abs(v) > self.s.max_target_mm for v in (*position, *ahead)):
             reasons.append("target_out_of_range")
-        reasons.extend(r for r in state.reasons if r == "surrogate_jump")
         prediction_sigma = self._score_prediction(position, ahead)
         if self._fiducial_reason is not None:
             reasons.append(self._fiducial_reason)
-        valid = not reasons or reasons == ["gap"]
+        valid = all(r == "gap" for r in reasons)  # a gap restarts; it does not invalidate
         uncertainty = math.sqrt(model_sigma**2 + prediction_sigma**2)
         return MotionEstimate(
             t,
@@ -196,14 +195,21 @@ class MotionEstimator:
         except ValueError as exc:  # no surrogate history covering the image's time
             return PointResult(None, False, self.correlation.valid, f"no surrogate at t: {exc}")
         expected = None
+        sigma = 0.0
         if self.correlation.valid:
             expected = self.correlation.predict(features)
+            sigma = self.correlation.uncertainty_mm
         elif self.s.use_prior and self.correlation.state == "collecting":
             expected = self._prior(features.s)
+            sigma = self.s.prior_uncertainty_mm
         result = self.correlation.add_point(t, features, position_mm)
         if expected is not None:
             self.last_check_mm = math.dist(expected, position_mm)
-            disagree = self.last_check_mm > self.s.fiducial_tolerance_mm
+            # A miss is judged against what the estimate claims: never tighter than the
+            # tolerance, but a 2-sigma miss of a model that says it is uncertain (the
+            # planning prior) is that model being honest, not a disagreement.
+            limit = max(self.s.fiducial_tolerance_mm, 2.0 * sigma)
+            disagree = self.last_check_mm > limit
             self._fiducial_reason = "fiducial_disagreement" if disagree else None
         else:
             self.last_check_mm = math.nan

@@ -177,6 +177,12 @@ class SessionLogWriter:
             except sqlite3.Error as exc:
                 log.error("session log: could not mark the log closed: %s", exc)
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            # Closed for good: back to a single self-contained file (no -wal/-shm beside
+            # it), which a reader opening it read-only does not bring back.
+            self._db.execute("PRAGMA journal_mode=DELETE")
+        except sqlite3.OperationalError as exc:  # another reader has it open: stays WAL
+            log.info("session log stays in WAL mode: %s", exc)
         self._db.close()
 
     # -- writer thread ---------------------------------------------------------------------

@@ -82,6 +82,16 @@ class Rig:
         """The simulators by their device names in the config, for fault injection."""
         return {"surface": self.surface, "spirometer": self.spirometer, "beam": self.linac}
 
+    def endpoints(self) -> dict:
+        """Where a controller finds each simulated device: ``Controller(cfg,
+        session_log=..., **rig.endpoints())``."""
+        return {
+            "surface_address": self.surface.address,
+            "beam_url": self.linac.path,
+            "spirometer_url": self.spirometer.path,
+            "xray_address": self.xray.address if self.xray is not None else None,
+        }
+
     def addresses(self) -> dict[str, str]:
         host, port = self.surface.address
         addresses = {

@@ -31,3 +31,49 @@ def no_leftover_threads():
         thread.join(timeout=2.0)
     still = [t.name for t in leftover if t.is_alive()]
     assert not still, f"threads left running after the test: {still}"
+
+
+class RigSession:
+    """A live session on the simulated rig: every simulated device on its real transport,
+    a session log, and a real controller wired to the rig's endpoints."""
+
+    def __init__(self, tmp_path, *overrides: str):
+        import time
+
+        from motionctl.config import load_config
+        from motionctl.controller import Controller
+        from motionctl.sessionlog import SessionLogWriter
+        from motionctl.simulators.rig import Rig
+
+        self.cfg = load_config(None, ["devices.surface.port=0", "devices.xray.port=0", *overrides])
+        self.rig = Rig(self.cfg)
+        self.rig.start()
+        self.path = tmp_path / "session.sqlite"
+        self.writer = SessionLogWriter(self.path, self.cfg, t0=time.monotonic())
+        self.controller = Controller(self.cfg, session_log=self.writer, **self.rig.endpoints())
+        self.controller.start()
+
+    def close(self) -> None:
+        self.controller.stop()
+        self.rig.stop()
+        self.writer.close()
+
+
+@pytest.fixture
+def session_class():
+    """The RigSession class ``session`` builds; a test module may override it."""
+    return RigSession
+
+
+@pytest.fixture
+def session(tmp_path, session_class):
+    """``session(*overrides)`` starts a RigSession; every one is closed after the test."""
+    sessions: list[RigSession] = []
+
+    def start(*overrides: str) -> RigSession:
+        sessions.append(session_class(tmp_path, *overrides))
+        return sessions[-1]
+
+    yield start
+    for s in sessions:
+        s.close()

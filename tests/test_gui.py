@@ -20,18 +20,16 @@ import multiprocessing
 
 import numpy as np
 import pytest
+from conftest import RigSession
 from PyQt6.QtCore import Qt
 
-from motionctl.config import load_config
-from motionctl.controller import Controller, OperatorCommand
+from motionctl.controller import OperatorCommand
 from motionctl.gui import widgets
 from motionctl.gui.console import ConsoleWindow, display_available, run_console
 from motionctl.gui.reasons import describe, format_session_time, is_routine
 from motionctl.gui.remote import ConsoleBridge, RemoteSource
 from motionctl.gui.review import ReviewSource, open_review, run_review
 from motionctl.gui.state import LiveSource
-from motionctl.sessionlog import SessionLogWriter
-from motionctl.simulators.rig import Rig
 
 pytestmark = pytest.mark.rig
 
@@ -40,28 +38,12 @@ WIDE_WINDOW = ("gating.center_mm=-6", "gating.window_mm=20")  # the target is al
 OPERATOR = "test_therapist"
 
 
-class Session:
-    """The rig, a session log and a real controller, as in test_rig.py."""
+class Session(RigSession):
+    """The shared rig session without X-ray imaging (the configured prior maps surrogate
+    to target, so the tests know where the target is), plus what they read back."""
 
     def __init__(self, tmp_path, *overrides: str):
-        self.cfg = load_config(None, ["devices.surface.port=0", *overrides])
-        self.rig = Rig(self.cfg)
-        self.rig.start()
-        self.path = tmp_path / "session.sqlite"
-        self.writer = SessionLogWriter(self.path, self.cfg, t0=time.monotonic())
-        self.controller = Controller(
-            self.cfg,
-            surface_address=self.rig.surface.address,
-            beam_url=self.rig.linac.path,
-            session_log=self.writer,
-            spirometer_url=self.rig.spirometer.path,
-        )
-        self.controller.start()
-
-    def close(self) -> None:
-        self.controller.stop()
-        self.rig.stop()
-        self.writer.close()
+        super().__init__(tmp_path, "devices.xray.enabled=false", *overrides)
 
     def operator_events(self, kind: str) -> list[dict]:
         """The operator's ``kind`` events committed to the session log so far."""
@@ -76,16 +58,8 @@ class Session:
 
 
 @pytest.fixture
-def session(tmp_path):
-    sessions: list[Session] = []
-
-    def start(*overrides: str) -> Session:
-        sessions.append(Session(tmp_path, *overrides))
-        return sessions[-1]
-
-    yield start
-    for s in sessions:
-        s.close()
+def session_class():
+    return Session
 
 
 @pytest.fixture

@@ -28,17 +28,11 @@ def _record_session(path) -> None:
     """~6.5 s of breathing through the real rig: prediction on (the default), the default
     amplitude window (holds outside it), an operator hold and release, a refused
     acknowledgement and a window change mid-session."""
-    cfg = load_config(None, ["devices.surface.port=0"])
+    cfg = load_config(None, ["devices.surface.port=0", "devices.xray.enabled=false"])
     rig = Rig(cfg)
     rig.start()
     writer = SessionLogWriter(path, cfg, t0=time.monotonic())
-    controller = Controller(
-        cfg,
-        surface_address=rig.surface.address,
-        beam_url=rig.linac.path,
-        session_log=writer,
-        spirometer_url=rig.spirometer.path,
-    )
+    controller = Controller(cfg, session_log=writer, **rig.endpoints())
     controller.start()
     experiment = threading.Event().wait  # the session's length, not a synchronisation
     try:

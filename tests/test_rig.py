@@ -16,12 +16,11 @@ import threading
 import time
 
 import pytest
+from conftest import RigSession
 
-from motionctl.config import load_config
-from motionctl.controller import Controller, OperatorCommand
+from motionctl.controller import OperatorCommand
 from motionctl.qa import edge_latencies, expected_transitions
-from motionctl.sessionlog import SessionLogWriter, summarize
-from motionctl.simulators.rig import Rig
+from motionctl.sessionlog import summarize
 from motionctl.types import AXES
 
 pytestmark = pytest.mark.rig
@@ -32,48 +31,12 @@ pytestmark = pytest.mark.rig
 EDGE_TOLERANCE_S = 0.05
 
 
-class Session:
-    def __init__(self, tmp_path, *overrides: str):
-        self.cfg = load_config(None, ["devices.surface.port=0", "devices.xray.port=0", *overrides])
-        self.rig = Rig(self.cfg)
-        self.rig.start()
-        self.path = tmp_path / "session.sqlite"
-        self.writer = SessionLogWriter(self.path, self.cfg, t0=time.monotonic())
-        self.controller = Controller(
-            self.cfg,
-            surface_address=self.rig.surface.address,
-            beam_url=self.rig.linac.path,
-            session_log=self.writer,
-            spirometer_url=self.rig.spirometer.path,
-            xray_address=self.rig.xray.address if self.rig.xray is not None else None,
-        )
-        self.controller.start()
-
-    def close(self) -> None:
-        self.controller.stop()
-        self.rig.stop()
-        self.writer.close()
-
-
-@pytest.fixture
-def session(tmp_path):
-    sessions: list[Session] = []
-
-    def start(*overrides: str) -> Session:
-        sessions.append(Session(tmp_path, *overrides))
-        return sessions[-1]
-
-    yield start
-    for s in sessions:
-        s.close()
-
-
 def _run_for(seconds: float) -> None:
     # The length of the experiment (breathing cycles to observe), not a synchronisation.
     threading.Event().wait(seconds)
 
 
-def _expected_transitions(s: Session, t_enable: float) -> list[tuple[float, bool]]:
+def _expected_transitions(s: RigSession, t_enable: float) -> list[tuple[float, bool]]:
     """Where the beam should switch: the frames at which 'target inside window' changes."""
     tracking, gating = s.cfg["tracking"], s.cfg["gating"]
     axis_in, axis_out = AXES.index(tracking["surrogate_axis"]), AXES.index(gating["axis"])
