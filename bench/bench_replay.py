@@ -16,8 +16,9 @@
    reading, verification or comparison): what the core itself costs.
 4. ``--profile``: cProfile of one replay, grouped by module and the top functions.
 
-Not in the synthetic log (the log schema has no table for them yet): the 5 Hz X-ray
-fiducial positions (and so correlation-model updates), the spirometer, beam ACKs.
+X-ray fiducial positions arrive at 5 Hz (the issue's imaging rate): the simulated target at
+mid-exposure plus 0.3 mm of localisation noise, received 0.1 s later, each one a correlation
+model point. Not in the synthetic log: the spirometer, beam ACKs.
 
 Usage: python bench/bench_replay.py [--minutes 60] [--repeat 3] [--profile] [--json]
        [--keep LOG] [--set key=value ...]
@@ -37,14 +38,19 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from motionctl.config import load_config
 from motionctl.replay import replay, stale_timeouts
 from motionctl.session import OperatorCommand, SessionCore
 from motionctl.sessionlog import SessionLogWriter
 from motionctl.simulators.patient import patient_from_config
-from motionctl.types import DeviceEvent, SurrogateSample
+from motionctl.types import DeviceEvent, FiducialMeasurement, SurrogateSample
 
 RATE_HZ = 30.0
+IMAGING_HZ = 5.0
+IMAGE_LATENCY_S = 0.1  # mid-exposure -> localised position received
+IMAGE_NOISE_MM = 0.3
 HEARTBEAT_S = 0.05
 DECIDE_LATENCY_S = 0.00015  # receipt -> decision, as the rig measures it (~0.15 ms)
 DROPOUT_EVERY_S = 300.0
@@ -67,7 +73,7 @@ def synthesise(path: Path, minutes: float, overrides: list[str]) -> dict:
     writer.device(device, cfg["devices"][device]["kind"], "synthetic")
     writer.device("beam", cfg["devices"]["beam"]["kind"], "synthetic")
     core = SessionCore(cfg, writer.add, stale_timeout_s=stale_timeouts(cfg))
-    counts = {"samples": 0, "decisions": 0}
+    counts = {"samples": 0, "decisions": 0, "images": 0}
 
     def decide(t: float, latency: float | None) -> None:
         core.set_beam_fault(t, None)
@@ -88,13 +94,37 @@ def synthesise(path: Path, minutes: float, overrides: list[str]) -> dict:
         commands.append((start + 310.0, OperatorCommand("release", who="bench")))
     commands.sort(key=lambda c: c[0])
 
-    core.on_device_event(DeviceEvent(device, 0.01, "connected", "synthetic"))
-    decide(0.0101, None)
+    core.on_device_event(DeviceEvent(device, 0.0, "connected", "synthetic"))
+    writer.device("xray", cfg["devices"]["xray"]["kind"], "synthetic")
+    noise = np.random.default_rng(7)
+    next_image = 1.0 / IMAGING_HZ  # mid-exposure time of the next image
+    frame = 0
+
+    def deliver_image() -> float:
+        """The next localised image (controller: on_fiducial, then a decision without a new
+        sample); returns when it was received."""
+        nonlocal next_image, frame
+        t_acq, t_rx = next_image, next_image + IMAGE_LATENCY_S
+        target = patient.state(t_acq).target_mm
+        position = tuple(float(v) for v in np.add(target, noise.normal(0, IMAGE_NOISE_MM, 3)))
+        core.on_fiducial(
+            FiducialMeasurement(
+                "xray", frame, t_acq, t_rx, "stereo", True, "",
+                position, (0.0, 0.0, 0.0), 3, 0.2, IMAGE_NOISE_MM,
+            )
+        )  # fmt: skip
+        decide(t_rx, None)
+        frame += 1
+        counts["images"] += 1
+        next_image = (frame + 1) / IMAGING_HZ
+        return t_rx
+
+    decide(0.0, None)
     next_heartbeat = 0.0
     ci = 0
     k = 0
     n_samples = int(duration * RATE_HZ)
-    t_last_decide = 0.0101
+    t_last_decide = 0.0
     while k < n_samples:
         t_patient = k / RATE_HZ
         # receipt jitter 0-2 ms, deterministic
@@ -103,6 +133,10 @@ def synthesise(path: Path, minutes: float, overrides: list[str]) -> dict:
         # Wake-ups before this sample: heartbeats and stale deadlines (the controller's loop).
         while True:
             wake = min(next_heartbeat, core.next_deadline(t_last_decide))
+            image_rx = next_image + IMAGE_LATENCY_S
+            if image_rx < min(wake, t_rx):
+                t_last_decide = deliver_image()
+                continue
             if wake >= t_rx:
                 break
             if ci < len(commands) and commands[ci][0] <= wake:
@@ -216,6 +250,7 @@ def main() -> int:
     result = {
         "minutes": args.minutes,
         "samples": counts["samples"],
+        "images": counts["images"],
         "decisions_recorded": counts["decisions"],
         "log_mb": round(counts["bytes"] / 1e6, 1),
         "synthesis_s": round(synth_s, 2),

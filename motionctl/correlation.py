@@ -81,6 +81,14 @@ is clearly better than linear (complexity guard): below (1 - ``selection_margin`
 linear's RMS and lower by at least ``selection_min_gain_mm`` (0.05 mm). The three axes use the
 selected form (chosen on the 3-D error, the clinically relevant one).
 
+Refits
+------
+A valid model is refitted when a point arrives at least ``min_refit_interval_s`` (0.5 s)
+after the last refit: at every image when imaging every 1-3 s, at every third image at 5 Hz.
+Every point is still checked and scored when it arrives and joins the next refit; points a
+fifth of a second apart add little to a fit over a breath, and at 5 Hz imaging the refit
+would otherwise cost more than all the per-sample work of a replay.
+
 Model points, check and recovery (what a physicist can predict)
 ---------------------------------------------------------------
 - At most ``max_points`` points (15, Synchrony's maximum); adding one more drops the oldest.
@@ -96,12 +104,16 @@ Model points, check and recovery (what a physicist can predict)
   2.6-4.2 mm apart from one 10 mm trace discontinuity, so 5 mm does not interrupt ordinary
   breathing while it catches a shift or a bad image.
 - Building (at start) and rebuilding (after an invalidation) follow one rule: the newest
-  ``min_points`` (4) points are kept; the model becomes VALID at the first image at which these
-  points are mutually consistent: they span at least ``min_span_mm`` (0.5 mm) of surrogate
-  (else the slope is undetermined) and a linear fit to them predicts each one, left out, within
-  ``check_threshold_mm``. Otherwise the oldest is dropped and the next image is awaited. So
-  after a real shift of the target the model is valid again at the ``min_points``-th image (the
-  suspect one included); after a single bad image, at the ``min_points``-th good image after it.
+  ``min_points`` (4) points are kept, or as many more (up to ``max_points``) as it takes to
+  cover ``min_build_span_s`` (2.5 s, most of a breath: at 5 Hz imaging four points cover 0.6
+  s of one inhale, and a line through them extrapolated over the whole breath was 5.8 mm off
+  at the next image); the model becomes VALID at the first image at which these points
+  cover that time (or are ``max_points``) and are mutually consistent: they span at least
+  ``min_span_mm`` (0.5 mm) of surrogate (else the slope is undetermined) and a linear fit to
+  them predicts each one, left out, within ``check_threshold_mm``. Otherwise the oldest is
+  dropped and the next image is awaited. So (imaging every 0.85 s or slower) after a real
+  shift of the target the model is valid again at the ``min_points``-th image (the suspect
+  one included); after a single bad image, at the ``min_points``-th good image after it.
 - ``state`` is a stable code for the gate and the log: "collecting" (first build, or after
   ``reset()``, which forgets every point: a new session or an explicit re-baseline),
   "rebuilding" (after an invalidation) or "valid"; ``reasons`` gives the words.
@@ -171,22 +183,14 @@ class ModelFeatures:
     t: float = math.nan  # time of the (possibly interpolated or hypothetical) sample, s
 
 
-def _line(ts: list[float], ss: list[float]) -> tuple[float, float]:
-    """Least-squares line through (ts, ss): (its value at ts[0], its slope). ts[0] is the end
-    of the window. Slope 0.0 for fewer than 2 distinct times."""
-    n = len(ts)
-    if n < 2:
-        return ss[0], 0.0
-    mt = sum(ts) / n
-    ms = sum(ss) / n
-    num = 0.0
-    den = 0.0
-    for t, s in zip(ts, ss, strict=True):
-        dt = t - mt
-        num += dt * (s - ms)
-        den += dt * dt
-    slope = num / den if den > 0.0 else 0.0
-    return ms + slope * (ts[0] - mt), slope
+def _fit(m: int, st: float, sv: float, stt: float, sts: float) -> tuple[float, float]:
+    """(value at dt = 0, slope) of the least-squares line through m points with these sums
+    (of dt, s, dt^2, dt s); slope 0.0 with fewer than 2 distinct times."""
+    if m < 2:
+        return sv, 0.0
+    den = stt - st * st / m
+    slope = (sts - st * sv / m) / den if den > 0.0 else 0.0
+    return sv / m - slope * st / m, slope
 
 
 class SurrogateHistory:
@@ -261,30 +265,34 @@ class SurrogateHistory:
     def _line_ending_at(
         self, k: int, window: float, extra: tuple[float, float] | None = None
     ) -> tuple[float, float]:
-        """(value, slope) of the line fitted to the window ending at sample k (or at the
-        hypothetical sample ``extra``)."""
-        t_end = extra[0] if extra is not None else self._t[self._idx(k)]
-        lo = t_end - window - _TIME_EPS
-        ts: list[float] = []
-        ss: list[float] = []
+        """(value, slope) of the least-squares line through the samples of the window ending
+        at sample k (or at the hypothetical sample ``extra``), the value at the window's end.
+        Sums are of times relative to the end, accumulated in one pass."""
+        ts, ss, cap, n, head = self._t, self._s, self._cap, self._n, self._head
         if extra is not None:
-            ts.append(extra[0])
-            ss.append(extra[1])
-        j = k
-        while j < self._n:
-            i = self._idx(j)
-            if self._t[i] < lo:
+            t_end, s_end = extra
+            j = k
+        else:
+            i = (head - k) % cap
+            t_end, s_end = ts[i], ss[i]
+            j = k + 1
+        m, st, sv, stt, sts = 1, 0.0, s_end, 0.0, 0.0
+        lo = -window - _TIME_EPS
+        while j < n:
+            i = (head - j) % cap
+            dt = ts[i] - t_end
+            if dt < lo:
                 break
-            ts.append(self._t[i])
-            ss.append(self._s[i])
+            x = ss[i]
+            m, st, sv, stt, sts = m + 1, st + dt, sv + x, stt + dt * dt, sts + dt * x
             j += 1
         # Sparse samples (a slow device, or a horizon longer than the window): use the nearest
         # older sample so that the velocity is still a causal difference.
-        if len(ts) < 2 and j < self._n:
-            i = self._idx(j)
-            ts.append(self._t[i])
-            ss.append(self._s[i])
-        return _line(ts, ss)
+        if m < 2 and j < n:
+            i = (head - j) % cap
+            dt, x = ts[i] - t_end, ss[i]
+            m, st, sv, stt, sts = m + 1, st + dt, sv + x, stt + dt * dt, sts + dt * x
+        return _fit(m, st, sv, stt, sts)
 
     def _require(self) -> None:
         if self._n == 0:
@@ -296,13 +304,57 @@ class SurrogateHistory:
         return self._features_of(0)
 
     def _features_of(self, k: int) -> ModelFeatures:
-        i = self._idx(k)
-        slope = self._line_ending_at(k, window=self.velocity_window_s)[1]
+        """The velocity line and the smoothing line ending at sample k, in one pass over the
+        samples (the sums and the sparse-sample rule of ``_line_ending_at``, inlined: this
+        runs at every surrogate sample)."""
+        ts, ss, cap, n, head = self._t, self._s, self._cap, self._n, self._head
+        i = (head - k) % cap
+        t_end = ts[i]
+        s_end = ss[i]
+        lo_v = -self.velocity_window_s - _TIME_EPS
+        lo_s = -self.smoothing_window_s - _TIME_EPS
+        lo = min(lo_v, lo_s)
+        # count, sum dt, sum s, sum dt^2, sum dt s: velocity window (v) and smoothing (w)
+        vm, vt, vs, vtt, vts = 1, 0.0, s_end, 0.0, 0.0
+        wm, wt, ws, wtt, wts = 1, 0.0, s_end, 0.0, 0.0
+        beyond_v = beyond_s = None  # the first sample older than each window
+        j = k + 1
+        while j < n:
+            i = (head - j) % cap
+            dt = ts[i] - t_end
+            x = ss[i]
+            if dt >= lo_v:
+                vm += 1
+                vt += dt
+                vs += x
+                vtt += dt * dt
+                vts += dt * x
+            elif beyond_v is None:
+                beyond_v = (dt, x)
+            if dt >= lo_s:
+                wm += 1
+                wt += dt
+                ws += x
+                wtt += dt * dt
+                wts += dt * x
+            elif beyond_s is None:
+                beyond_s = (dt, x)
+            if dt < lo:
+                break
+            j += 1
+        # Sparse samples: the nearest older sample keeps the velocity a causal difference.
+        if vm < 2 and beyond_v is not None:
+            dt, x = beyond_v
+            vm, vt, vs, vtt, vts = 2, vt + dt, vs + x, vtt + dt * dt, vts + dt * x
+        slope = _fit(vm, vt, vs, vtt, vts)[1]
         if self.smoothing_window_s > 0:
-            value = self._line_ending_at(k, window=self.smoothing_window_s)[0]
+            if wm < 2 and beyond_s is not None:
+                dt, x = beyond_s
+                wm, wt, ws, wtt, wts = 2, wt + dt, ws + x, wtt + dt * dt, wts + dt * x
+            value = _fit(wm, wt, ws, wtt, wts)[0]
         else:
-            value = self._s[i]
-        return ModelFeatures(value, slope, self._t[i])
+            value = s_end
+        return ModelFeatures(value, slope, t_end)
 
     def features_at(self, t: float) -> ModelFeatures:
         """Features at an earlier time inside the buffer, interpolated between the features at
@@ -367,7 +419,9 @@ class CorrelationParams:
     velocity_window_s: float = 0.4  # causal velocity window (pass to SurrogateHistory)
     smoothing_window_s: float = 0.2  # causal surrogate smoothing window (pass to it too)
     min_span_mm: float = 0.5  # (re)building: the points must span this much surrogate
+    min_build_span_s: float = 2.5  # ... and this much time (most of a breath), max_points allowing
     max_extrapolation: float = 1.0  # surrogate clamped to the points' range +- this x range
+    min_refit_interval_s: float = 0.5  # a valid model is refitted at most this often
 
     def __post_init__(self) -> None:
         problems = []
@@ -406,10 +460,16 @@ class CorrelationParams:
             )
         if not (0 < self.velocity_window_s <= 2):
             problems.append(f"velocity_window_s = {self.velocity_window_s!r}: expected (0, 2] s")
+        if not (0 <= self.min_build_span_s < math.inf):
+            problems.append(f"min_build_span_s = {self.min_build_span_s!r}: expected >= 0 s")
         if not (0 <= self.min_span_mm < math.inf):
             problems.append(f"min_span_mm = {self.min_span_mm!r}: expected >= 0 mm")
         if not (0 <= self.max_extrapolation < math.inf):
             problems.append(f"max_extrapolation = {self.max_extrapolation!r}: expected >= 0")
+        if not (0 <= self.min_refit_interval_s < math.inf):
+            problems.append(
+                f"min_refit_interval_s = {self.min_refit_interval_s!r}: expected >= 0 s"
+            )
         if problems:
             raise ValueError("invalid CorrelationParams: " + "; ".join(problems))
         # canonical order (simplest first), so that the default does not depend on the order
@@ -495,15 +555,54 @@ class _Fit:
         return (a0 + b0 * z + c0 * g, a1 + b1 * z + c1 * g, a2 + b2 * z + c2 * g)
 
 
-def _design(kind: str, z: np.ndarray, v: np.ndarray, fit_params: dict) -> np.ndarray:
-    one = np.ones_like(z)
-    if kind == "linear":
-        return np.column_stack((one, z))
-    if kind == "quadratic":
-        return np.column_stack((one, z, z * z))  # inside the range by construction
-    if kind == "dual":
-        return np.column_stack((one, z, np.clip(v * fit_params["inv_v_dual"], -1.0, 1.0)))
-    return np.column_stack((one, z, v * fit_params["inv_v_aug"]))
+# Columns of ``_full_design`` each model uses: intercept, z, then its own third term.
+_COLUMNS = {"linear": [0, 1], "quadratic": [0, 1, 2], "dual": [0, 1, 3], "augmented": [0, 1, 4]}
+
+
+def _full_design(z: np.ndarray, v: np.ndarray, fit_params: dict) -> np.ndarray:
+    """(1, z, z^2, dual branch, scaled velocity): every model's design is a column subset."""
+    F = np.empty((len(z), 5))
+    F[:, 0] = 1.0
+    F[:, 1] = z
+    np.multiply(z, z, out=F[:, 2])  # inside the range by construction
+    np.clip(v * fit_params["inv_v_dual"], -1.0, 1.0, out=F[:, 3])
+    np.multiply(v, fit_params["inv_v_aug"], out=F[:, 4])
+    return F
+
+
+def _ridge(mean_diagonal: float) -> float:
+    """The numerical ridge for a normal matrix with this mean diagonal (see ``_RIDGE``)."""
+    return _RIDGE * max(mean_diagonal, 1e-12)
+
+
+def _solve_small(G: list[list[float]], B: list[list[float]]) -> list[list[float]]:
+    """Solve G X = B for a small symmetric positive definite G (2 x 2 or 3 x 3, lists of
+    floats) by Gaussian elimination in plain floats: numpy's per-call overhead is ten times
+    the arithmetic at this size, and the correlation refit runs at every image."""
+    n = len(G)
+    A = [list(G[i]) + list(B[i]) for i in range(n)]
+    m = len(A[0])
+    for k in range(n):
+        pivot = A[k][k]
+        if not pivot > 0.0:  # a singular normal matrix: the ridge keeps this from happening
+            raise np.linalg.LinAlgError("singular normal matrix in the correlation fit")
+        inv = 1.0 / pivot
+        row_k = A[k]
+        for i in range(k + 1, n):
+            f = A[i][k] * inv
+            if f:
+                row_i = A[i]
+                for j in range(k, m):
+                    row_i[j] -= f * row_k[j]
+    X = [[0.0] * (m - n) for _ in range(n)]
+    for i in range(n - 1, -1, -1):
+        row = A[i]
+        for c in range(m - n):
+            acc = row[n + c]
+            for j in range(i + 1, n):
+                acc -= row[j] * X[j][c]
+            X[i][c] = acc / row[i]
+    return X
 
 
 def _gls(A: np.ndarray, Ci: np.ndarray, Y: np.ndarray):
@@ -514,8 +613,7 @@ def _gls(A: np.ndarray, Ci: np.ndarray, Y: np.ndarray):
     p = A.shape[1]
     CiA = Ci @ A
     G = A.T @ CiA
-    reg = _RIDGE * max(float(np.trace(G)) / p, 1e-12)
-    G[1:, 1:] += reg * np.eye(p - 1)  # the intercept (baseline) is never shrunk
+    G[1:, 1:] += _ridge(float(np.trace(G)) / p) * np.eye(p - 1)  # intercept never shrunk
     Gi = np.linalg.inv(G)
     return Gi @ (CiA.T @ Y), Gi, CiA
 
@@ -568,6 +666,7 @@ class CorrelationModel:
         self._n_scored = 0
         self._loo_rms = math.inf
         self._offset = (0.0, 0.0, 0.0)
+        self._t_refit = -math.inf
 
     @property
     def valid(self) -> bool:
@@ -679,15 +778,28 @@ class CorrelationModel:
         if self._valid:
             while len(self._t) > p.max_points:
                 self._drop_oldest()
-            self._refit()
+            if t - self._t_refit >= p.min_refit_interval_s - _TIME_EPS:
+                self._refit()
             return PointResult(residual, True, True, None)
 
-        # Building / rebuilding: keep the newest min_points; valid once they are consistent.
-        while len(self._t) > p.min_points:
+        # Building / rebuilding: keep the newest min_points, or more if that is what covers
+        # min_build_span_s (fast imaging); valid once they are consistent.
+        ts = self._t
+        while len(ts) > p.max_points or (
+            len(ts) > p.min_points and ts[-1] - ts[1] >= p.min_build_span_s - _TIME_EPS
+        ):
             self._drop_oldest()
-        n = len(self._t)
+        n = len(ts)
         if n < p.min_points:
             self._reasons = (self._building_reason(f"{n} of {p.min_points} points"),)
+            return PointResult(residual, True, False, self._reasons[0])
+        covered = ts[-1] - ts[0]
+        if covered < p.min_build_span_s - _TIME_EPS and n < p.max_points:
+            self._reasons = (
+                self._building_reason(
+                    f"{n} points cover {covered:.1f} s of breathing (< {p.min_build_span_s:.1f} s)"
+                ),
+            )
             return PointResult(residual, True, False, self._reasons[0])
         span = max(self._s) - min(self._s)
         if span < p.min_span_mm:
@@ -769,8 +881,7 @@ class CorrelationModel:
     def _consistency(self) -> tuple[float, float]:
         """Worst leave-one-out 3-D error of a default-model fit to the current points."""
         t, z, v, Y, Ci, sc, inv_ss = self._arrays()
-        kind = "linear"  # the building check always uses the simplest model
-        A = _design(kind, z, v, {})
+        A = np.column_stack((np.ones_like(z), z))  # the building check: always linear
         coef, Gi, CiA = _gls(A, Ci, Y)
         loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
         e = np.sqrt(np.sum(loo * loo, axis=1))
@@ -779,6 +890,7 @@ class CorrelationModel:
 
     def _refit(self) -> None:
         p = self.params
+        self._t_refit = self._t[-1]
         t, z, v, Y, Ci, sc, inv_ss = self._arrays()
         n = len(t)
         vmax = float(np.max(np.abs(v)))
@@ -788,8 +900,14 @@ class CorrelationModel:
         }
         zlo, zhi = float(z.min()), float(z.max())
         vlo, vhi = float(v.min()), float(v.max())
+        # Every model's columns are (1, z) plus at most one third column: one design holding
+        # all of them gives every model's normal equations as sub-blocks of one product (the
+        # per-sample budget of replay is tight; four separate GLS fits cost 3x as much).
+        F = _full_design(z, v, aux)
+        CiF = Ci @ F
+        G_all = (F.T @ CiF).tolist()
+        B_all = (CiF.T @ Y).tolist()
         fits: dict[str, _Fit] = {}
-        keep: dict[str, tuple] = {}  # kind -> what the LOO and offset reports need
         for kind in p.models:
             npar = _N_PARAMS[kind]
             # the default model is always fitted (n >= min_points >= 3); the others only with
@@ -797,22 +915,25 @@ class CorrelationModel:
             need = min(p.min_points, n) if kind == self._default_kind else npar + _SPARE_DOF
             if n < max(need, npar):
                 continue
-            A = _design(kind, z, v, aux)
-            coef, Gi, CiA = _gls(A, Ci, Y)
-            c = coef.T  # 3 x p
+            cols = _COLUMNS[kind]
+            G = [[G_all[i][j] for j in cols] for i in cols]
+            reg = _ridge(sum(G[i][i] for i in range(npar)) / npar)
+            for i in range(1, npar):  # the intercept (baseline) is never shrunk
+                G[i][i] += reg
+            coef = _solve_small(G, [B_all[i] for i in cols])  # p rows x 3 axes
             rows = tuple(
-                (float(c[ax, 0]), float(c[ax, 1]), float(c[ax, 2]) if npar == 3 else 0.0)
-                for ax in range(3)
+                (coef[0][ax], coef[1][ax], coef[2][ax] if npar == 3 else 0.0) for ax in range(3)
             )
             inv_v = aux["inv_v_dual"] if kind == "dual" else aux["inv_v_aug"]
             fits[kind] = _Fit(
                 kind, sc, inv_ss, zlo, zhi, p.max_extrapolation, vlo, vhi, inv_v, rows
             )
-            keep[kind] = (A, coef, Gi, CiA)
         self._fits = fits
         sel = self._select()
         self._sel = fits[sel]
-        A, coef, Gi, CiA = keep[sel]
+        cols = _COLUMNS[sel]
+        A = F[:, cols]
+        coef = np.array(self._sel.coef).T[: len(cols)]
         r = Y - A @ coef
         # Kriging estimate of the random-walk part at the points, u_i = b(t_i) - b(t_newest).
         if self._lambda > 0:
@@ -822,6 +943,7 @@ class CorrelationModel:
         else:
             self._offset = (0.0, 0.0, 0.0)
         if self._n_scored < p.min_held_out:
+            coef, Gi, CiA = _gls(A, Ci, Y)
             loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
             self._loo_rms = float(np.sqrt(np.mean(np.sum(loo * loo, axis=1))))
 

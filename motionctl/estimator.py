@@ -101,7 +101,9 @@ class MotionEstimator:
             )
         # Across a gap or a jump the history no longer describes this breathing: a
         # predictor that learnt from it would forecast the artefact.
-        reasons = [r for r in state.reasons if r in ("gap", "surrogate_jump")]
+        reasons = (
+            [r for r in state.reasons if r in ("gap", "surrogate_jump")] if state.reasons else []
+        )
         if reasons:
             self._restart()
         value = state.value_mm
@@ -135,12 +137,22 @@ class MotionEstimator:
             model_sigma = math.nan
             self.last_model = "none"
 
-        if any(abs(v) > self.s.max_target_mm for v in (*position, *ahead)):
+        lim = self.s.max_target_mm
+        (p0, p1, p2), (a0, a1, a2) = position, ahead
+        if (
+            abs(p0) > lim
+            or abs(p1) > lim
+            or abs(p2) > lim
+            or abs(a0) > lim
+            or abs(a1) > lim
+            or abs(a2) > lim
+        ):
             reasons.append("target_out_of_range")
         prediction_sigma = self._score_prediction(position, ahead)
         if self._fiducial_reason is not None:
             reasons.append(self._fiducial_reason)
-        valid = all(r == "gap" for r in reasons)  # a gap restarts; it does not invalidate
+        # a gap restarts; it does not invalidate
+        valid = not reasons or all(r == "gap" for r in reasons)
         uncertainty = math.sqrt(model_sigma**2 + prediction_sigma**2)
         return MotionEstimate(
             t,

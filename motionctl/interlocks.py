@@ -112,6 +112,11 @@ class InterlockEvent:
 class InterlockMonitor:
     specs: dict[str, InterlockSpec] = field(default_factory=lambda: dict(SPECS))
     _states: dict[str, _State] = field(default_factory=dict)
+    # Views recomputed only after a change: the core asks for them at every decision.
+    _active: tuple[str, ...] | None = None
+    _awaiting: tuple[str, ...] | None = None
+    # Keys whose condition is present or that still hold: any other key is quiet.
+    live: set[str] = field(default_factory=set)
 
     @staticmethod
     def key(code: str, subject: str | None = None) -> str:
@@ -132,16 +137,22 @@ class InterlockMonitor:
         if active:
             if not state.condition:
                 state.condition, state.since = True, t
+                self._awaiting = None
+                self.live.add(key)
             if detail:
                 state.detail = detail
             if not state.latched:
                 state.latched = True
+                self._active = self._awaiting = None
                 events.append(InterlockEvent(t, key, "raised", state.detail))
             return events
         if state.condition:
             state.condition, state.since = False, t
+            self._awaiting = None
             if spec.clears == "ack" and state.latched:
                 events.append(InterlockEvent(t, key, "awaiting_ack", state.detail))
+            if not state.latched:
+                self.live.discard(key)
         events.extend(self._maybe_clear(t, key, state, spec))
         return events
 
@@ -151,15 +162,20 @@ class InterlockMonitor:
         if state.latched and not state.condition and spec.clears == "auto":
             if t - state.since >= spec.clear_after_s:
                 state.latched = False
+                self._active = self._awaiting = None
+                self.live.discard(key)
                 return [InterlockEvent(t, key, "cleared", state.detail)]
         return []
 
     def tick(self, t: float) -> list[InterlockEvent]:
         """Let time-based clearing happen when no report arrives (call at each decision)."""
+        if not self.active():
+            return []
         events: list[InterlockEvent] = []
         for key, state in self._states.items():
-            spec = self.specs[key.split(":", 1)[0]]
-            events.extend(self._maybe_clear(t, key, state, spec))
+            if state.latched and not state.condition:
+                spec = self.specs[key.split(":", 1)[0]]
+                events.extend(self._maybe_clear(t, key, state, spec))
         return events
 
     def acknowledge(self, t: float, key: str) -> tuple[bool, str]:
@@ -173,16 +189,22 @@ class InterlockMonitor:
         if state.condition:
             return False, f"{key}: its condition is still present ({state.detail})"
         state.latched = False
+        self._active = self._awaiting = None
+        self.live.discard(key)
         return True, ""
 
     def active(self) -> tuple[str, ...]:
-        return tuple(key for key, state in self._states.items() if state.latched)
+        if self._active is None:
+            self._active = tuple(key for key, state in self._states.items() if state.latched)
+        return self._active
 
     def awaiting_ack(self) -> tuple[str, ...]:
-        return tuple(
-            key
-            for key, state in self._states.items()
-            if state.latched
-            and not state.condition
-            and self.specs[key.split(":", 1)[0]].clears == "ack"
-        )
+        if self._awaiting is None:
+            self._awaiting = tuple(
+                key
+                for key, state in self._states.items()
+                if state.latched
+                and not state.condition
+                and self.specs[key.split(":", 1)[0]].clears == "ack"
+            )
+        return self._awaiting

@@ -130,7 +130,7 @@ class SurrogateProcessor:
             return value
         ordered = sorted(window)
         median = ordered[len(ordered) // 2]
-        mad = sorted(abs(v - median) for v in ordered)[len(ordered) // 2]
+        mad = sorted([abs(v - median) for v in ordered])[len(ordered) // 2]
         limit = max(self.p.spike_threshold * 1.4826 * mad, self.p.spike_floor_mm)
         if abs(value - median) > limit:
             reasons.append("spike_replaced")

@@ -137,6 +137,22 @@ def test_building_needs_min_points_and_says_so():
     assert model.state == "collecting" and model.n_points == 0 and not model.valid
 
 
+def test_fast_imaging_builds_the_model_over_most_of_a_breath():
+    """At 5 Hz imaging, min_points images cover a fraction of one inhale: the model waits
+    until its points cover min_build_span_s, then keeps only what covers it."""
+    model = CorrelationModel()  # min_points 4, min_build_span_s 2.5
+    period = 0.2
+    results = []
+    for i in range(20):
+        t = period * i
+        s = 5.0 * math.sin(2 * math.pi * t / 4.0) ** 2
+        results.append(model.add_point(t, ModelFeatures(s, 0.0, t), (0.0, -1.5 * s, 0.5 * s)))
+    first_valid = next(i for i, r in enumerate(results) if r.model_valid)
+    assert first_valid == math.ceil(2.5 / period)  # the first image 2.5 s after the first
+    assert "cover 0.6 s of breathing (< 2.5 s)" in results[3].reason
+    assert model.valid
+
+
 def test_points_that_span_no_surrogate_do_not_make_a_valid_model():
     model = CorrelationModel()
     for i in range(6):  # a breath hold: the surrogate does not move
