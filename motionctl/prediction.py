@@ -207,14 +207,33 @@ class _DelayLine:
 
     def features(self, back: int, out: np.ndarray) -> float:
         """Fill ``out[:n_taps]`` with the block increments at ``back``; return that sample."""
-        p = self.pos + self.size - back
-        np.subtract(p, self.edges, out=self._idx)
-        np.take(self._cs, self._idx, out=self._sums)
+        anchor = self.block_sums(back)
         np.subtract(self._sums[:-1], self._sums[1:], out=self._means)
         self._means *= self.inv_len
-        anchor = float(self._x[p])
         np.subtract(anchor, self._means, out=out[: self.n_taps])
         return anchor
+
+    def block_sums(self, back: int) -> float:
+        """Gather the running sums at the block edges of the sample ``back`` steps ago into
+        ``self._sums``; return that sample (both origin-removed)."""
+        p = self.pos + self.size - back
+        np.subtract(p, self.edges, out=self._idx)
+        self._cs.take(self._idx, out=self._sums)
+        return float(self._x[p])
+
+
+def _linear_on_sums(w: np.ndarray, dl: _DelayLine) -> tuple[np.ndarray, float, float]:
+    """A linear model on the features (block increments + bias), rewritten on the running
+    sums at the block edges: ``w . z = x W + b - c . sums`` with the block means
+    telescoped into ``c``. Per sample that is one gather and one dot product instead of
+    building the features (the ridge is evaluated at every sample, refitted on ticks)."""
+    n = dl.n_taps
+    a = w[:n] * dl.inv_len
+    c = np.empty(n + 1)
+    c[0] = a[0]
+    c[1:n] = a[1:] - a[:-1]
+    c[n] = -a[-1]
+    return c, float(w[:n].sum()), float(w[n])
 
 
 # -- learners on block-increment features ------------------------------------------------------
@@ -252,6 +271,7 @@ class _RidgeLearner:
         self.w.fill(0.0)
         self.ticks = 0
         self.ok = True
+        self.version = 0  # counts the weights' updates
 
     def learn(self, z: np.ndarray, y: float) -> None:
         self.R *= self.lam
@@ -271,6 +291,7 @@ class _RidgeLearner:
                 return
             if np.isfinite(w).all():
                 self.w[:] = w
+                self.version += 1
             else:
                 self.ok = False
 
@@ -453,8 +474,23 @@ class _FeaturePredictor:
     def _build(self) -> tuple:
         raise NotImplementedError
 
-    def _combine(self, z: np.ndarray) -> float:
+    def _combine(self) -> float:
+        """The predicted increment at the newest sample (``_features_now`` gives the
+        features if a learner needs them)."""
         raise NotImplementedError
+
+    def _features_now(self) -> np.ndarray:
+        self.dl.features(0, self._z)
+        return self._z
+
+    def _ridge_now(self, ridge: _RidgeLearner) -> float:
+        """``ridge.predict(features now)``, evaluated on the running sums."""
+        if ridge.version != self._sums_version:
+            self._sums_model = _linear_on_sums(ridge.w, self.dl)
+            self._sums_version = ridge.version
+        c, w_sum, bias = self._sums_model
+        x = self.dl.block_sums(0)
+        return x * w_sum + bias - float(np.dot(c, self.dl._sums))
 
     def _score(self, realised: float) -> None:
         """Hook: the realised increment of the prediction made H samples ago."""
@@ -474,6 +510,7 @@ class _FeaturePredictor:
         self._scored = 0
         self._past = [math.nan] * len(self._past)
         self._slot = 0
+        self._sums_version = -1  # the ridge weights that _sums_model was made from
 
     @property
     def diverged(self) -> bool:
@@ -528,8 +565,7 @@ class _FeaturePredictor:
             ):
                 self._bad = True
                 return v
-        dl.features(0, self._z)
-        inc = self._combine(self._z)
+        inc = self._combine()
         if not math.isfinite(inc):
             self._bad = True
             return v
@@ -561,8 +597,8 @@ class NLMSPredictor(_FeaturePredictor):
         self._nlms = _NLMSLearner(self.n_taps + 1, self._mu, power_lam)
         return (self._nlms,)
 
-    def _combine(self, z: np.ndarray) -> float:
-        return self._nlms.predict(z)
+    def _combine(self) -> float:
+        return self._nlms.predict(self._features_now())
 
 
 class RidgePredictor(_FeaturePredictor):
@@ -588,8 +624,8 @@ class RidgePredictor(_FeaturePredictor):
         self._ridge = _make_ridge(self, self.n_taps, *self._ridge_args)
         return (self._ridge,)
 
-    def _combine(self, z: np.ndarray) -> float:
-        return self._ridge.predict(z)
+    def _combine(self) -> float:
+        return self._ridge_now(self._ridge)
 
 
 def _check_positive(**params: float) -> None:
@@ -645,10 +681,10 @@ class AnaloguePredictor(_FeaturePredictor):
         self._analogue = _make_analogue(self, *self._analogue_args)
         return (self._analogue,)
 
-    def _combine(self, z: np.ndarray) -> float:
+    def _combine(self) -> float:
         if not self._analogue.ready:
             return 0.0
-        return self._analogue.predict(z)
+        return self._analogue.predict(self._features_now())
 
 
 class EnsemblePredictor(_FeaturePredictor):
@@ -712,12 +748,12 @@ class EnsemblePredictor(_FeaturePredictor):
             self._mse_analogue = lam * self._mse_analogue + (1.0 - lam) * (b - realised) ** 2
             self._n_mse += 1
 
-    def _combine(self, z: np.ndarray) -> float:
-        p_ridge = self._ridge.predict(z)
+    def _combine(self) -> float:
+        p_ridge = self._ridge_now(self._ridge)
         if not self._analogue.ready:
             p_analogue = p_ridge
         elif self._since_tick == 0 or self._correction != self._correction:
-            p_analogue = self._analogue.predict(z)
+            p_analogue = self._analogue.predict(self._features_now())
             self._correction = p_analogue - p_ridge
         else:
             # Between learning ticks (above 10 Hz) the analogue's correction to the ridge is
