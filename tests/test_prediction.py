@@ -255,6 +255,7 @@ def test_exploding_error_sets_diverged():
     run(p, x[:200])
     p._ridge.w[:] = 0.0
     p._ridge.w[-1] = 50.0  # a constant +50 mm increment: finite, but absurd
+    p._ridge.version += 1  # as a refit that produced these weights would
     p._ridge.refit_ticks = 10**9  # keep the broken weights
     for v in x[200:]:
         p.step(float(v))
