@@ -62,11 +62,16 @@ Host rules
       controller's own loop, so a stalled controller stops the heartbeats and the box holds.
     * Every message must be acknowledged within ``ack_timeout_s`` (0.1 s by default);
       otherwise, or on any NAK, the link is in doubt and the gate must hold.
+    * A line from the box that the host cannot read (framing, checksum, fields, or a
+      message type a box does not send) puts the link in doubt too, even when it arrives
+      between intact ACKs: it may have been a reply, or the box may be failing, and the
+      host cannot tell which. Doubt means hold, on this side as on the box's.
     * On shutdown the host sends OFF.
 
 Recovery after a fault (this driver)
-    ``ack_lost``, ``nak:<reason>`` and ``box_hold`` (the box reported OFF while the host
-    asked for ON: its watchdog tripped or it dropped the beam on doubt) are latched. They
+    ``ack_lost``, ``nak:<reason>``, ``malformed:<reason>`` (an unreadable line from the box;
+    ``reason`` as in ``ProtocolError``) and ``box_hold`` (the box reported OFF while the
+    host asked for ON: its watchdog tripped or it dropped the beam on doubt) are latched. They
     clear only when an OFF sent after the fault is acknowledged in time with state OFF, i.e.
     when the host and the box agree again that the beam is held. While a fault is latched,
     ``command(False)`` always sends, so the gate's hold decision is what re-synchronises the
@@ -312,7 +317,8 @@ class BeamInterface:
         self._acknowledged_on = False
         self._last_on_serial = 0
         self._last_ack_seq: int | None = None
-        self._fault: str | None = None  # latched: ack_lost, nak:<reason>, box_hold
+        # latched: ack_lost, nak:<reason>, malformed:<reason>, box_hold
+        self._fault: str | None = None
         self._fault_t = float("-inf")  # an OFF sent at or after this time may clear _fault
         self._dead: str | None = None  # port_error or reader_error: needs close() + open()
         self._deliveries: list[Ack | DeviceEvent] = []  # handed to callbacks by the reader
@@ -482,9 +488,9 @@ class BeamInterface:
     def fault(self) -> str | None:
         """None while the link is healthy, else why it is in doubt.
 
-        ``not_open``, ``port_error``, ``reader_error``, ``ack_lost``, ``nak:<reason>`` or
-        ``box_hold``. Outstanding messages are checked against ``ack_timeout_s`` on the
-        injected clock at call time.
+        ``not_open``, ``port_error``, ``reader_error``, ``ack_lost``, ``nak:<reason>``,
+        ``malformed:<reason>`` or ``box_hold``. Outstanding messages are checked against
+        ``ack_timeout_s`` on the injected clock at call time.
         """
         with self._lock:
             return self._fault_locked(self._clock())
@@ -604,6 +610,8 @@ class BeamInterface:
             detail = f"{exc} ({len(line)} bytes)"
             self._log.warning("malformed line from box: %s", detail)
             self._deliveries.append(DeviceEvent(self._name, now, "malformed", detail))
+            # Latched like a NAK: only a hold the box confirms afterwards clears the doubt.
+            self._latch_locked(f"malformed:{exc.reason}", now, detail)
             return
         if reply.kind == "ACK":
             self._handle_ack_locked(reply.seq, reply.beam_on, now)

@@ -39,9 +39,11 @@ Device -> host
         field         range                meaning
         ============  ===================  ============================================
         seq           0..65535             +1 per SPV line, wrapping 65535 -> 0; 0 at
-                                           power-up. A jump means readings were lost.
+                                           power-up. A jump means readings were lost;
+                                           a step back, that a reading came late.
         t_ms          0..4294967295        the device's own millisecond clock at the
-                                           measurement (wraps after 49.7 days)
+                                           measurement (wraps 4294967295 -> 0 after
+                                           49.7 days)
         volume_ml     -2000..8000          lung volume above the device's zero
         flow_ml_s     -19999..19999        airflow, + inhale
         valve         ``O`` or ``C``       breath-hold valve open / closed
@@ -98,6 +100,18 @@ This driver
   ``t_device`` = ``t_ms`` / 1000; ``t_rx`` from the injected clock when the bytes were
   read). Events go to ``on_event`` if given, else to ``sink`` as well. Callbacks run on
   the reader thread without the driver's lock held, and must not raise.
+* Unwraps the device clock: ``t_device`` is ``t_ms`` / 1000 plus 4294.967296 s for every
+  wrap of ``t_ms`` since the port was opened. Consecutive readings are taken to be less
+  than half the clock's range (24.8 days) apart, so a small step back is a step back
+  (reported, and passed on for the session to judge), never a wrap.
+* Reads the SPV seq as the device counts it: a step forward of more than one is a
+  ``seq_gap`` (the readings in between are counted lost); a step back of at most
+  ``REORDER_WINDOW`` is a reading that arrived late (``reordered``, counted in
+  ``stats()["reordered"]``; if it was one counted lost, it no longer is), and the
+  expected seq stays where it was; a bigger step back is a ``seq_reset`` (a device that
+  restarted its count) and the count resumes from there. A late reading is still
+  delivered, with its own (earlier) ``t_device``: the session holds the beam on a device
+  clock that goes backwards.
 * Every line that breaks the protocol (framing, checksum, field count, a number that is not
   a number, a value out of range, an unknown message type) is dropped and reported as a
   ``malformed`` event whose detail says what was wrong and gives the line's length; it is
@@ -108,11 +122,14 @@ This driver
   ``timeout``) once it is known.
 
 Events (``DeviceEvent(name, t, kind, detail)``): ``malformed``, ``seq_gap`` (SPV readings
-missing), ``valve_closed``, ``valve_opened`` (detail: who), ``zeroed``, ``level_set``,
-``device_error`` (from STS lines), ``ack``, ``nak``, ``ack_lost`` (no reply in time),
-``unmatched_ack`` (a reply for no outstanding command: late, or not ours), ``port_error``
-(the reader thread ends; ``stop()`` then ``start()`` to reconnect), ``reader_error`` (a bug
-or a raising callback ended the reader).
+missing), ``reordered`` (an SPV reading arrived after a later one), ``seq_reset`` (the SPV
+seq went back further than a reordering could explain), ``clock_backwards`` (an in-order
+reading with an earlier ``t_ms`` than the one before), ``clock_wrapped`` (``t_ms`` wrapped
+through 0, as it does every 49.7 days), ``valve_closed``, ``valve_opened`` (detail: who),
+``zeroed``, ``level_set``, ``device_error`` (from STS lines), ``ack``, ``nak``, ``ack_lost``
+(no reply in time), ``unmatched_ack`` (a reply for no outstanding command: late, or not
+ours), ``port_error`` (the reader thread ends; ``stop()`` then ``start()`` to reconnect),
+``reader_error`` (a bug or a raising callback ended the reader).
 """
 
 from __future__ import annotations
@@ -152,6 +169,11 @@ JOIN_TIMEOUT_S = 2.0
 DEFAULT_ACK_TIMEOUT_S = 0.25
 SEQ_MODULO = 65536
 T_MS_MAX = 2**32 - 1
+T_MS_MODULO = 2**32
+# A reading at most this many places behind the expected seq came late; further back, the
+# device restarted its count. 64 readings are 1.3-2.6 s at 25-50 Hz, far beyond any
+# reordering a serial line or adapter can cause.
+REORDER_WINDOW = 64
 VOLUME_ML_RANGE = (-2000, 8000)  # -2..8 l: anything else is not a lung
 FLOW_ML_S_RANGE = (-19999, 19999)  # |flow| < 20 l/s
 LEVEL_ML_RANGE = (0, 8000)
@@ -164,7 +186,9 @@ STATUS_EVENTS = {
     "ERROR": "device_error",
 }
 # Events that are part of normal use are logged at INFO, the rest at WARNING.
-_ROUTINE_EVENTS = frozenset({"ack", "valve_closed", "valve_opened", "zeroed", "level_set"})
+_ROUTINE_EVENTS = frozenset(
+    {"ack", "valve_closed", "valve_opened", "zeroed", "level_set", "clock_wrapped"}
+)
 REPLIES_KEPT = 256  # wait_reply() can look this many commands back
 
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,9})")
@@ -330,10 +354,15 @@ class SpirometerDriver:
         self._outstanding: dict[int, tuple[str, float]] = {}  # seq -> (body, t_sent)
         self._replies: OrderedDict[int, CommandReply] = OrderedDict()
         self._expected_seq: int | None = None
+        self._missing: dict[int, None] = {}  # seqs counted lost, newest last (a late one may come)
+        self._last_t_ms: int | None = None  # the previous reading's t_ms, as sent ...
+        self._last_t_device_ms = 0  # ... and unwrapped
         self._port_failed = False
         self._stats: dict = {
             "samples": 0,
-            "lost_samples": 0,  # counted from SPV seq gaps
+            "lost_samples": 0,  # counted from SPV seq gaps (less readings that came late)
+            "reordered": 0,  # readings that arrived after a later one
+            "clock_wraps": 0,
             "status": 0,
             "malformed": 0,
             "malformed_by_reason": {},
@@ -476,8 +505,9 @@ class SpirometerDriver:
     # -- state -------------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Counters: samples, lost_samples, status, malformed, malformed_by_reason (dict),
-        sent, acks, naks, acks_lost, unmatched, events (dict: count per event kind)."""
+        """Counters: samples, lost_samples, reordered, clock_wraps, status, malformed,
+        malformed_by_reason (dict), sent, acks, naks, acks_lost, unmatched, events (dict:
+        count per event kind)."""
         with self._lock:
             stats = dict(self._stats)
             stats["malformed_by_reason"] = dict(self._stats["malformed_by_reason"])
@@ -559,19 +589,14 @@ class SpirometerDriver:
             self._handle_nak_locked(message, now, items)
 
     def _handle_reading_locked(self, reading: Reading, now: float, items: list) -> None:
-        expected = self._expected_seq
-        if expected is not None and reading.seq != expected:
-            missing = (reading.seq - expected) % SEQ_MODULO
-            self._stats["lost_samples"] += missing
-            detail = f"expected SPV seq {expected}, got {reading.seq}: {missing} missing"
-            items.append(self._event_locked(now, "seq_gap", detail))
-        self._expected_seq = (reading.seq + 1) % SEQ_MODULO
+        late = self._check_seq_locked(reading.seq, now, items)
+        t_device_ms = self._unwrap_t_ms_locked(reading.t_ms, now, items, late)
         self._stats["samples"] += 1
         items.append(
             SpirometerSample(
                 device=self._name,
                 seq=reading.seq,
-                t_device=reading.t_ms / 1e3,
+                t_device=t_device_ms / 1e3,
                 t_rx=now,
                 volume_l=reading.volume_ml / 1e3,
                 flow_l_s=reading.flow_ml_s / 1e3,
@@ -579,6 +604,63 @@ class SpirometerDriver:
                 feedback_level=reading.level_ml / 1e3,
             )
         )
+
+    def _check_seq_locked(self, seq: int, now: float, items: list) -> bool:
+        """Follow the SPV seq; True if this reading came after a later one."""
+        expected = self._expected_seq
+        if expected is None or seq == expected:
+            self._expected_seq = (seq + 1) % SEQ_MODULO
+            return False
+        ahead = (seq - expected) % SEQ_MODULO
+        behind = SEQ_MODULO - ahead  # how far before the expected seq this one is
+        if behind <= REORDER_WINDOW:
+            # A reading that came after a later one: not lost after all, and no gap ahead.
+            self._stats["reordered"] += 1
+            counted_lost = seq in self._missing
+            if counted_lost:
+                del self._missing[seq]
+                self._stats["lost_samples"] -= 1
+            detail = f"SPV seq {seq} arrived after seq {(expected - 1) % SEQ_MODULO}" + (
+                " (it was counted missing)" if counted_lost else " (a repeat)"
+            )
+            items.append(self._event_locked(now, "reordered", detail))
+            return True
+        self._expected_seq = (seq + 1) % SEQ_MODULO
+        if ahead < SEQ_MODULO // 2:
+            self._stats["lost_samples"] += ahead
+            for k in range(max(0, ahead - REORDER_WINDOW), ahead):
+                self._missing[(expected + k) % SEQ_MODULO] = None
+            while len(self._missing) > REORDER_WINDOW:
+                del self._missing[next(iter(self._missing))]
+            detail = f"expected SPV seq {expected}, got {seq}: {ahead} missing"
+            items.append(self._event_locked(now, "seq_gap", detail))
+        else:
+            self._missing.clear()
+            detail = f"expected SPV seq {expected}, got {seq}: {behind} back (device restart?)"
+            items.append(self._event_locked(now, "seq_reset", detail))
+        return False
+
+    def _unwrap_t_ms_locked(self, t_ms: int, now: float, items: list, late: bool) -> int:
+        """The device time in ms, counting the clock's wraps since the port was opened.
+
+        ``late``: the reading came after a later one (already reported as reordered), so
+        its earlier time is no news."""
+        last = self._last_t_ms
+        if last is None:
+            unwrapped = t_ms
+        else:
+            # The step from the previous reading, taken as the shorter way round the clock.
+            step = (t_ms - last + T_MS_MODULO // 2) % T_MS_MODULO - T_MS_MODULO // 2
+            unwrapped = self._last_t_device_ms + step
+            if step > 0 and t_ms < last:
+                self._stats["clock_wraps"] += 1
+                detail = f"device clock wrapped: t_ms {last} -> {t_ms}"
+                items.append(self._event_locked(now, "clock_wrapped", detail))
+            elif step < 0 and not late:
+                detail = f"device clock went back {-step} ms: t_ms {last} -> {t_ms}"
+                items.append(self._event_locked(now, "clock_backwards", detail))
+        self._last_t_ms, self._last_t_device_ms = t_ms, unwrapped
+        return unwrapped
 
     def _settle_locked(self, reply: CommandReply) -> None:
         self._replies[reply.seq] = reply

@@ -25,6 +25,10 @@ BEAM_FAULT_WORDS = {
     "ack_lost": "the linac gating interface stopped answering",
     "box_hold": "the linac gating interface held the beam by itself",
     "not_open": "the linac gating interface is not connected",
+    "nak": "the linac gating interface refused a command",
+    "malformed": "the linac gating interface sent a line that could not be read",
+    "port_error": "the port to the linac gating interface failed",
+    "reader_error": "reading from the linac gating interface failed",
 }
 
 # {device} is filled with the subject of the key (``stale_data:surface``).
@@ -97,9 +101,11 @@ def describe(key: str) -> str:
     if "{device}" in sentence:
         return sentence.format(device=device_words(subject) if subject else "a device")
     if code == "beam_interface" and subject:
-        fault = BEAM_FAULT_WORDS.get(subject)
+        kind, _, detail = subject.partition(":")
+        fault = BEAM_FAULT_WORDS.get(kind)
         if fault is None:
             return f"{sentence} ({subject})"
+        fault = f"{fault} ({detail})" if detail else fault
         return fault[0].upper() + fault[1:]
     if subject:  # a subject the sentence has no place for: keep it visible
         return f"{sentence} ({subject})"

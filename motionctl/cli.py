@@ -19,6 +19,8 @@ from motionctl import __version__
 from motionctl.config import ConfigError, load_config
 from motionctl.sessionlog import LogFormatError, SessionLogWriter, export_csv, summarize
 
+COACH_INTERVAL_S = 0.05  # sim, breath-hold gating: how often the simulated operator looks
+
 DESCRIPTION = """\
 motionctl: respiratory motion management and gating for liver SBRT.
 
@@ -393,7 +395,7 @@ def _session(args: argparse.Namespace) -> int:
     from motionctl.controller import Controller
 
     cfg = load_config(args.config, args.overrides)
-    rig = schedule = None
+    rig = schedule = coach = None
     if args.command == "sim":
         from motionctl.simulators.faults import FaultSchedule
         from motionctl.simulators.rig import Rig
@@ -405,6 +407,8 @@ def _session(args: argparse.Namespace) -> int:
         endpoints = rig.endpoints()
         enable_after = cfg["session"]["operator_enable_after_s"]
         operator = "simulated_operator"
+        if cfg["gating"]["mode"] == "breath_hold":
+            coach = _BreathHoldCoach(operator)
     else:
         devices = cfg["devices"]
         surface, xray = devices["surface"], devices["xray"]
@@ -455,7 +459,7 @@ def _session(args: argparse.Namespace) -> int:
                 seconds=args.seconds,
                 screenshot=args.screenshot,
                 stop=stop,
-                on_tick=_operator_on_tick(controller, enable_after, operator),
+                on_tick=_operator_on_tick(controller, enable_after, operator, coach),
             )
             if status != 0:
                 print(
@@ -463,7 +467,7 @@ def _session(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
         else:
-            _supervise(controller, stop, args.seconds, enable_after, operator, cfg)
+            _supervise(controller, stop, args.seconds, enable_after, operator, cfg, coach)
     finally:
         if schedule is not None:
             schedule.stop()
@@ -503,7 +507,29 @@ def _want_console(args: argparse.Namespace) -> bool:
     return False
 
 
-def _operator_on_tick(controller, enable_after: float | None, operator: str):
+class _BreathHoldCoach:
+    """sim, breath-hold gating: the simulated operator captures the breath-hold reference
+    each time the simulated patient begins a hold (the spirometer's valve closes), as a
+    therapist does once the patient has reached the level. Without it no sim session in
+    breath-hold mode could ever enable the beam (no reference). A real operator does this
+    by hand in the console (`run` has no coach)."""
+
+    def __init__(self, operator: str) -> None:
+        self._operator = operator
+        self._closed = False
+
+    def tick(self, controller) -> None:
+        from motionctl.session import OperatorCommand
+
+        closed = controller.status.valve_closed
+        if closed and not self._closed:
+            controller.submit(OperatorCommand("capture_reference", who=self._operator))
+        self._closed = closed
+
+
+def _operator_on_tick(
+    controller, enable_after: float | None, operator: str, coach: _BreathHoldCoach | None = None
+):
     """The simulated (sim) or --enable-after (run) operator, in the console's loop."""
     enabled = False
 
@@ -512,6 +538,8 @@ def _operator_on_tick(controller, enable_after: float | None, operator: str):
         if not enabled and enable_after is not None and elapsed_s >= enable_after:
             controller.set_operator_enable(True, who=operator)
             enabled = True
+        if coach is not None:
+            coach.tick(controller)
 
     return on_tick
 
@@ -569,12 +597,14 @@ def _supervise(
     enable_after: float | None,
     operator: str,
     cfg: dict[str, Any],
+    coach: _BreathHoldCoach | None = None,
 ) -> None:
     """Main thread: the (simulated) operator, the live status line and the session clock."""
     interval = cfg["session"]["status_interval_s"]
     start = time.monotonic()
     enabled = False
     tty = sys.stderr.isatty()
+    next_line = start
     while not stop.is_set():
         elapsed = time.monotonic() - start
         if seconds is not None and elapsed >= seconds:
@@ -582,14 +612,20 @@ def _supervise(
         if not enabled and enable_after is not None and elapsed >= enable_after:
             controller.set_operator_enable(True, who=operator)
             enabled = True
-        line = _status_line(controller, elapsed)
-        print(
-            ("\r" + line + "\033[K") if tty else line,
-            end="" if tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-        wait = interval
+        if coach is not None:
+            coach.tick(controller)
+        if start + elapsed >= next_line:
+            next_line = max(next_line + interval, start + elapsed)
+            line = _status_line(controller, elapsed)
+            print(
+                ("\r" + line + "\033[K") if tty else line,
+                end="" if tty else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
+        wait = max(0.0, next_line - (start + elapsed))
+        if coach is not None:
+            wait = min(wait, COACH_INTERVAL_S)  # notice the start of a hold promptly
         if seconds is not None:
             wait = min(wait, max(0.0, seconds - elapsed))
         if not enabled and enable_after is not None:

@@ -28,6 +28,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "session.status_interval_s": (lambda v: v > 0, "a number > 0 s"),
     "tracking.surrogate_axis": (lambda v: v in AXIS_NAMES, "one of LR, SI, AP"),
     "tracking.horizon_s": (lambda v: 0 <= v <= 2, "a number in [0, 2] s"),
+    "tracking.unmeasured_latency_s": (lambda v: 0 <= v <= 1.5, "a number in [0, 1.5] s"),
     "tracking.surrogate_rate_hz": (lambda v: 1 <= v <= 200, "a rate in [1, 200] Hz"),
     "tracking.smoothing_s": (lambda v: 0 <= v <= 0.5, "a time constant in [0, 0.5] s"),
     "gating.mode": (

@@ -3,10 +3,12 @@
 Drivers push samples and events into the queue from their reader threads. The controller
 thread takes them in order, converts their times to session seconds, hands them to the
 pure ``SessionCore`` (estimator, gate, interlocks), carries each decision to the beam
-interface, sends the heartbeat, and records the decisions with their latency. It wakes by
-itself at the next deadline (heartbeat due, data going stale), so silence is noticed
-without polling. Operator commands arrive through the same queue, so there is exactly one
-writer of the gate's inputs and a frozen console cannot change what the gate does.
+interface, sends the heartbeat, and records the decisions with their latency (and the
+gating box's ACKs with their round trip; with ``tracking.follow_latency`` the prediction
+horizon follows the two, ``motionctl.latency``). It wakes by itself at the next deadline
+(heartbeat due, data going stale), so silence is noticed without polling. Operator
+commands arrive through the same queue, so there is exactly one writer of the gate's inputs
+and a frozen console cannot change what the gate does.
 
 This module and the CLI are the only places that wire drivers, core and log together.
 """
@@ -30,6 +32,7 @@ from motionctl.drivers.igtl_tracker import IgtlTrackerDriver
 from motionctl.drivers.spirometer import SpirometerDriver
 from motionctl.drivers.xray import XrayImageDriver
 from motionctl.imaging import FiducialWorker
+from motionctl.latency import LatencyMonitor
 from motionctl.livestate import LiveTrace
 from motionctl.session import OperatorCommand, SessionCore, SessionStatus
 from motionctl.sessionlog import SessionLogWriter
@@ -86,6 +89,11 @@ class Controller:
                 )
             stale["spirometer"] = cfg["devices"]["spirometer"]["stale_timeout_s"]
         self.core = SessionCore(cfg, self.log.add, stale_timeout_s=stale)
+        tracking = cfg["tracking"]
+        self.latency = LatencyMonitor(
+            unmeasured_s=tracking["unmeasured_latency_s"], rate_hz=tracking["surrogate_rate_hz"]
+        )
+        self._follow_latency = tracking["follow_latency"]
         self.surface = IgtlTrackerDriver(
             *surface_address,
             self._queue.put,
@@ -191,6 +199,8 @@ class Controller:
             if now >= next_heartbeat:
                 self._send_to_beam(self.beam.heartbeat)
                 next_heartbeat = now + self._heartbeat_period_s
+            if self._follow_latency:
+                self._follow_measured_latency(now)
             stale_at = self.core.next_deadline(self.session_t(now)) + self.t0
             ack_at = self.beam.ack_deadline()
             deadline = min(next_heartbeat, stale_at, math.inf if ack_at is None else ack_at)
@@ -226,6 +236,7 @@ class Controller:
             )
             self._decide(None)
         elif isinstance(item, Ack):
+            self.latency.add_round_trip(item.round_trip_s)
             self.log.add(
                 "beam_acks",
                 (
@@ -257,7 +268,16 @@ class Controller:
             return
         self._send_to_beam(self.beam.command, decision.beam_enabled)
         latency = None if t_rx is None else self._clock() - t_rx
+        if latency is not None:
+            self.latency.add_decision(latency)
         self._record_decision(decision, latency)
+
+    def _follow_measured_latency(self, now: float) -> None:
+        t = self.session_t(now)
+        proposal = self.latency.propose(t, self.core.estimator.s.horizon_s)
+        if proposal is not None:
+            horizon, measured = proposal
+            self.core.set_horizon(t, horizon, measured)
 
     def _publish(self) -> None:
         est, decision = self.status.estimate, self.status.decision

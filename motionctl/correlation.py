@@ -730,6 +730,21 @@ class CorrelationModel:
             return _NAN3
         return fit.predict(s, v)
 
+    def positions_over_range(self, n: int = 25) -> list[tuple[float, float, float]]:
+        """Every position the model can give, sampled: the surrogate over its clamp range,
+        the velocity at its extremes and zero (the loop's two branches and its middle).
+        Empty while not valid. For checking an image whose time cannot be matched."""
+        fit = self._sel
+        if fit is None or not self._valid:
+            return []
+        out = []
+        for i in range(n):
+            z = fit.zmin + (fit.zmax - fit.zmin) * i / (n - 1)
+            s = fit.sc + z / fit.inv_ss
+            for v in (fit.vlo, 0.0, fit.vhi):
+                out.append(fit.predict(s, v))
+        return out
+
     # ---- points ----------------------------------------------------------------------------
     def add_point(
         self, t: float, features: ModelFeatures, internal_mm: tuple[float, float, float]

@@ -27,8 +27,9 @@ named in ``MotionEstimate.reasons``.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from motionctl.correlation import CorrelationModel, PointResult, SurrogateHistory
 from motionctl.prediction import (
@@ -41,6 +42,8 @@ from motionctl.surrogate import SurrogateParams, SurrogateProcessor
 from motionctl.types import AXES, MotionEstimate, SurrogateSample
 
 _NAN3 = (math.nan, math.nan, math.nan)
+_RECENT_ESTIMATES = 512  # about 17 s at 30 Hz, 100 s at 5 Hz
+_RECENT_GAP_S = 0.25  # estimates further apart than this do not bracket an image's time
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,14 @@ class MotionEstimator:
         self._alpha = 1.0 / max(1.0, settings.error_time_constant_s * settings.rate_hz)
         self._fiducial_reason: str | None = None
         self.last_check_mm = math.nan  # estimate vs the last X-ray position, 3-D distance
+        # Every surrogate level seen this session (never reset): the prior's range, for
+        # checking an image whose time cannot be matched to the surrogate.
+        self._s_lo, self._s_hi = math.inf, -math.inf
+        # The estimates of the last seconds, kept across restarts: an image taken before a
+        # surrogate glitch is still checked against what was estimated when it was taken.
+        self._recent: deque[tuple[float, tuple[float, float, float], float]] = deque(
+            maxlen=_RECENT_ESTIMATES
+        )
         self.last_model = "none"
 
     # -- the per-sample path: scalar state, no per-sample numpy ---------------------------
@@ -107,6 +118,10 @@ class MotionEstimator:
         if reasons:
             self._restart()
         value = state.value_mm
+        if value < self._s_lo:
+            self._s_lo = value
+        if value > self._s_hi:
+            self._s_hi = value
         self.history.append(t, value)
         predicted = self.predictor.step(value)
         if self.predictor.diverged or not math.isfinite(predicted):
@@ -154,6 +169,8 @@ class MotionEstimator:
         # a gap restarts; it does not invalidate
         valid = not reasons or all(r == "gap" for r in reasons)
         uncertainty = math.sqrt(model_sigma**2 + prediction_sigma**2)
+        if valid:
+            self._recent.append((t, position, model_sigma))
         return MotionEstimate(
             t,
             position,
@@ -166,7 +183,27 @@ class MotionEstimator:
             uncertainty_mm=uncertainty,
             model=self.last_model,
             surrogate_mm=value,
+            predicted_phase=(state.phase + self.s.horizon_s / state.period_s) % 1.0
+            if state.period_s > 0
+            else math.nan,
         )
+
+    @property
+    def fiducial_reason(self) -> str | None:
+        """ "fiducial_disagreement" while the last X-ray check disagreed, else None."""
+        return self._fiducial_reason
+
+    def set_horizon(self, horizon_s: float) -> None:
+        """Predict ``horizon_s`` ahead from now on. The predictor learnt a different
+        horizon, so it starts again (its warm-up: until then the prediction is the current
+        value); the correlation model and the surrogate history are kept."""
+        self.s = replace(self.s, horizon_s=float(horizon_s))
+        name = DEFAULT_PREDICTOR if self.s.predictor == "default" else self.s.predictor
+        self.predictor = make_predictor(name, self.s.rate_hz, self.s.horizon_s)
+        self._horizon_samples = horizon_samples(self.s.rate_hz, self.s.horizon_s)
+        self._past = [None] * max(1, self._horizon_samples)
+        self._slot = 0
+        self._pred_err2, self._pred_err_n = 0.0, 0
 
     def _prior(self, value: float) -> tuple[float, float, float]:
         raw = self._sign * value
@@ -205,6 +242,8 @@ class MotionEstimator:
         try:
             features = self.history.features_at(t)
         except ValueError as exc:  # no surrogate history covering the image's time
+            if not self._check_against_recent(t, position_mm):
+                self.check_untimed(position_mm)
             return PointResult(None, False, self.correlation.valid, f"no surrogate at t: {exc}")
         expected = None
         sigma = 0.0
@@ -226,3 +265,46 @@ class MotionEstimator:
         else:
             self.last_check_mm = math.nan
         return result
+
+    def _check_against_recent(self, t: float, position_mm: tuple[float, float, float]) -> bool:
+        """Check against the estimate recorded at ``t`` (interpolated between the two valid
+        estimates around it, at most ``_RECENT_GAP_S`` apart); False if there are none."""
+        after = None
+        for entry in reversed(self._recent):
+            if entry[0] >= t:
+                after = entry
+                continue
+            if after is None or after[0] - entry[0] > _RECENT_GAP_S:
+                return False
+            (t0, p0, s0), (t1, p1, s1) = entry, after
+            a = (t - t0) / (t1 - t0)
+            expected = tuple(u + a * (w - u) for u, w in zip(p0, p1, strict=True))
+            self.last_check_mm = math.dist(expected, position_mm)
+            limit = max(self.s.fiducial_tolerance_mm, 2.0 * max(s0, s1))
+            if self.last_check_mm > limit:
+                self._fiducial_reason = "fiducial_disagreement"
+            return True
+        return False
+
+    def check_untimed(self, position_mm: tuple[float, float, float]) -> None:
+        """Check an X-ray position whose acquisition time cannot be matched to the surrogate
+        (its clock is in doubt, or the surrogate history around it was lost): against every
+        position the model (or the prior, over every surrogate level seen) can give at any
+        phase of the breath. Far from all of them is a disagreement whenever it was taken;
+        near one of them proves nothing, so an earlier disagreement stands."""
+        if self.correlation.valid:
+            candidates = self.correlation.positions_over_range()
+            sigma = self.correlation.uncertainty_mm
+        elif self.s.use_prior and self.correlation.state == "collecting":
+            lo, hi = self._s_lo, self._s_hi
+            if not lo <= hi:  # no surrogate seen yet
+                self.last_check_mm = math.nan
+                return
+            candidates = [self._prior(lo + (hi - lo) * i / 24) for i in range(25)]
+            sigma = self.s.prior_uncertainty_mm
+        else:
+            self.last_check_mm = math.nan
+            return
+        self.last_check_mm = min(math.dist(c, position_mm) for c in candidates)
+        if self.last_check_mm > max(self.s.fiducial_tolerance_mm, 2.0 * sigma):
+            self._fiducial_reason = "fiducial_disagreement"

@@ -5,7 +5,9 @@ Gating modes (``GateSettings.mode``):
 - ``amplitude``: the target (the position predicted one system latency ahead, or the
   current surrogate if ``source = "surrogate"``) on one axis inside centre +/- width/2;
 - ``phase``: the breathing phase inside ``phase_window`` ([start, end), wrapping through
-  0 = end-exhale, e.g. [0.8, 0.2] gates around end-exhale);
+  0 = end-exhale, e.g. [0.8, 0.2] gates around end-exhale); with ``source = "predicted"``
+  the phase one horizon ahead (the current phase plus horizon / period: without it the
+  beam follows the window a system latency late), with ``"surrogate"`` the phase now;
 - ``breath_hold``: the held level (spirometer volume, or the predicted position on the
   axis) within a tolerance of the reference the operator captured at the start of the
   hold, and stable there for ``min_stable_s`` before the beam may come on.
@@ -146,7 +148,8 @@ class Gate:
             return "estimate_invalid"
         if mode == "phase":
             start, end = self.settings.phase_window
-            phase = est.phase
+            # as in amplitude mode: where the breath will be when the beam responds
+            phase = est.predicted_phase if self.settings.source == "predicted" else est.phase
             if not math.isfinite(phase):
                 return "phase_unknown"
             inside = start <= phase < end if start <= end else (phase >= start or phase < end)
@@ -163,6 +166,7 @@ class Gate:
             return "no_breath_hold_reference"
         level = self.breath_hold_level(inputs)
         if not math.isfinite(level):
+            self._stable_since = None  # an unknown level is not a stable one
             return "breath_hold_level_unknown"
         tolerance = (
             self.settings.breath_hold_tolerance_l

@@ -486,6 +486,8 @@ def _adapt_config(cfg: dict[str, Any], device: str, kind: str, rate_hz: float) -
         "stale_timeout_s": round(1.5 / rate_hz, 6),
         "imported": True,
     }
+    # No imported format carries X-ray images: a replay must not wait for them.
+    cfg["devices"]["xray"]["enabled"] = False
 
 
 def _enable_detail(first_on: float | None) -> str:

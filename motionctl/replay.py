@@ -10,6 +10,7 @@ recorded row                                  fed to the core as
 ``samples``                                   ``on_surrogate`` (``t_rx`` = the row's ``t``)
 ``spirometer_samples``                        ``on_spirometer``
 ``events`` source ``operator``                ``on_command`` (detail JSON: who, value)
+``events`` source ``tracking``, ``horizon``   ``set_horizon`` (the latency-following horizon)
 ``events`` source ``beam``, kind ``fault``    ``set_beam_fault`` (the driver's fault state)
 ``events`` from drivers (other sources)       ``on_device_event``
 ``decisions``                                 ``decide(t, new_sample = latency IS NOT NULL)``
@@ -86,6 +87,7 @@ FORCED_REASONS = frozenset({"session_stopped", "controller_error"})
 # A new writer of ``events`` rows that are not driver events must be listed here.
 NOT_CORE_SOURCES = frozenset({"controller", "rig"})
 NOT_CORE_EVENTS = frozenset({("beam", "write_error")})
+HORIZON_KEY = "tracking.horizon_s"
 # Samples stored under this device are an imported ground-truth channel, not a surrogate.
 GROUND_TRUTH_DEVICE = "ground_truth"
 # Event rows the core itself writes (outputs, compared, never fed back in).
@@ -264,6 +266,7 @@ def replay(path: str | Path, overrides: Sequence[str] = (), *, force: bool = Fal
         raise LogFormatError(
             f"{path}: the recorded config cannot build the core ({type(exc).__name__}: {exc})"
         ) from exc
+    run.skip_horizons = any(item.partition("=")[0].strip() == HORIZON_KEY for item in overrides)
     wall_setup = time.perf_counter()
     run.run(stream, end_t)
     wall_replay = time.perf_counter()
@@ -401,6 +404,8 @@ class _Run:
         self.examples: list[Divergence] = []
         self.notes: list[str] = []
         self.windows_skipped = 0
+        self.skip_horizons = False  # a what-if that sets the horizon ignores recorded changes
+        self.horizons_skipped = 0
         self.core_errors = 0
         self.controller_errors = 0
 
@@ -672,6 +677,11 @@ class _Run:
                 f"{self.windows_skipped} recorded operator window change(s) not applied: "
                 "an override sets the window"
             )
+        if self.horizons_skipped:
+            self.notes.append(
+                f"{self.horizons_skipped} recorded horizon change(s) not applied: an override "
+                "sets tracking.horizon_s"
+            )
 
     def _event(self, row: tuple) -> None:
         t, source, kind, detail, n = row
@@ -699,6 +709,14 @@ class _Run:
         if self.what_if:
             self.deadlines(t)
         self.last_input = f"events n={n} t={t!r} {source}/{kind}"
+        if source == "tracking" and kind == "horizon":
+            # The horizon following the measured latency: the controller's input to the core.
+            if self.skip_horizons:
+                self.horizons_skipped += 1
+                return
+            parsed = json.loads(detail)
+            self.core.set_horizon(t, parsed["horizon_s"], parsed["measured"])
+            return
         if source == "operator":
             if self.skip_windows and kind == "window":
                 self.windows_skipped += 1

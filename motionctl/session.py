@@ -102,6 +102,10 @@ class SessionCore:
         self._record = record
         self.surrogate_device = cfg["tracking"]["surrogate_device"]
         self.stale_timeout_s = dict(stale_timeout_s)
+        xray = cfg["devices"].get("xray", {})
+        if xray.get("enabled") and xray.get("stale_timeout_s", 0.0) > 0:
+            # No accepted X-ray image for this long holds (freshness from on_fiducial).
+            self.stale_timeout_s.setdefault("xray", xray["stale_timeout_s"])
         self.estimator = MotionEstimator(
             estimator_settings(cfg), CorrelationModel(correlation_params(cfg))
         )
@@ -109,6 +113,11 @@ class SessionCore:
         self.gate = Gate(settings)
         self.dwell = DwellMonitor(settings.axis, settings.dwell_mm, settings.dwell_s)
         self.interlocks = InterlockMonitor()
+        self._per_sample_keys = tuple(
+            (code, self.surrogate_device if code in _DEVICE_SUBJECT else None)
+            for code in _PER_SAMPLE_INTERLOCKS
+        )
+        self._per_sample_key_set = {InterlockMonitor.key(c, d) for c, d in self._per_sample_keys}
         self._max_window_mm = cfg["gating"]["max_window_mm"]
         self.status = SessionStatus()
         self._estimate: MotionEstimate | None = None
@@ -177,10 +186,21 @@ class SessionCore:
                 m.uncertainty_mm,
             ),
         )
-        if m.accepted:
+        # The imager's clock (mid-exposure) against ours, as for every device. An image is
+        # fresh data (the X-ray stale timeout) and a model point only if it was localised
+        # and its time can be trusted: a stepped or reordered time would check the estimate,
+        # and fit the model, at the wrong moment of the breath.
+        trusted = self._check_device_clock(m.device, m.t_rx, m.t_acq)
+        if m.accepted and trusted:
+            self._count(m.device, m.t_rx)
             # Bounded: if the surrogate stops for good, old images are of no use anyway.
             self._pending_fiducials = [*self._pending_fiducials[-9:], m]
             self._apply_fiducials(m.t_rx)
+        elif m.accepted:
+            # Still a look at the target: checked against where it could be at any moment
+            # of the breath (a target far from all of that holds whenever it was imaged).
+            self.estimator.check_untimed(m.position_mm)
+            self._report_fiducial_check(m.t_rx, m, None)
 
     def _apply_fiducials(self, t: float) -> None:
         history = self.estimator.history
@@ -190,18 +210,31 @@ class SessionCore:
                 waiting.append(m)
                 continue
             result = self.estimator.add_fiducial(m.t_acq, m.position_mm)
-            detail = {
-                "frame_id": m.frame_id,
-                "t_acq": m.t_acq,
-                "residual_mm": result.residual_mm,
-                "estimate_miss_mm": self.estimator.last_check_mm,
-                "accepted": result.accepted,
-                "model_valid": result.model_valid,
-                "model": self.estimator.correlation.kind,
-                "reason": result.reason,
-            }
-            self._record("events", (t, "correlation", "model_point", json.dumps(detail)))
+            self._report_fiducial_check(t, m, result)
         self._pending_fiducials = waiting
+
+    def _report_fiducial_check(self, t: float, m: FiducialMeasurement, result) -> None:
+        """Record what an X-ray position did (``result`` None: checked without a time, not a
+        model point) and hold now, not at the next surrogate sample: raise what the next
+        estimate will carry (its per-sample report clears them as before)."""
+        estimator = self.estimator
+        detail = {
+            "frame_id": m.frame_id,
+            "t_acq": m.t_acq,
+            "residual_mm": None if result is None else result.residual_mm,
+            "estimate_miss_mm": estimator.last_check_mm,
+            "accepted": False if result is None else result.accepted,
+            "model_valid": estimator.correlation.valid,
+            "model": estimator.correlation.kind,
+            "reason": "time not trusted: checked against the model's range, not a model point"
+            if result is None
+            else result.reason,
+        }
+        self._record("events", (t, "correlation", "model_point", json.dumps(detail)))
+        if estimator.correlation.state == "rebuilding":
+            self._interlock(t, "correlation_model_invalid", None, True, "correlation_model_invalid")
+        if estimator.fiducial_reason == "fiducial_disagreement":
+            self._interlock(t, "fiducial_disagreement", None, True, "fiducial_disagreement")
 
     def on_spirometer(self, sample: SpirometerSample) -> None:
         self._count(sample.device, sample.t_rx)
@@ -284,6 +317,14 @@ class SessionCore:
         self._record("events", (t, "operator", command.kind, json.dumps(detail)))
         return refusal
 
+    def set_horizon(self, t: float, horizon_s: float, measured: dict[str, Any]) -> None:
+        """Predict ``horizon_s`` ahead from now on (the horizon following the measured
+        latency, ``motionctl.latency``); recorded, with what it was made of, for replay."""
+        old = self.estimator.s.horizon_s
+        self.estimator.set_horizon(horizon_s)
+        detail = {"horizon_s": horizon_s, "old": old, "measured": measured}
+        self._record("events", (t, "tracking", "horizon", json.dumps(detail)))
+
     def window_refusal(self, value: Any) -> str:
         """Why a gating window (centre, width) cannot be used; "" if it can."""
         try:
@@ -347,27 +388,39 @@ class SessionCore:
         st.samples[device] = st.samples.get(device, 0) + 1
         st.last_rx[device] = t
 
-    def _check_device_clock(self, device: str, t: float, t_device: float) -> None:
+    def _check_device_clock(self, device: str, t: float, t_device: float) -> bool:
         # A device clock that goes back, or jumps away from ours, means its timestamps (and
-        # maybe its data) cannot be trusted.
+        # maybe its data) cannot be trusted. Returns whether this timestamp can be.
+        live = self.interlocks.live
+        if not math.isfinite(t_device):
+            # No time at all: distrusted, and kept out of the clock references (a NaN offset
+            # would switch the skew check off for good).
+            self._interlock(t, "clock_skew", device, True, "device time not finite")
+            return False
         last = self._last_t_device.get(device)
-        backwards = last is not None and t_device < last
-        detail = f"device time {t_device:.3f} after {last:.3f}" if backwards else ""
-        self._interlock(t, "clock_backwards", device, backwards, detail)
+        # A repeated time is a re-sent frame (a stuck device): not fresh, not to be trusted.
+        backwards = last is not None and t_device <= last
+        if backwards:
+            detail = f"device time {t_device:.3f} after {last:.3f}"
+            self._interlock(t, "clock_backwards", device, True, detail)
+        elif f"clock_backwards:{device}" in live:
+            self._interlock(t, "clock_backwards", device, False)
         self._last_t_device[device] = t_device
         offset = t_device - t
         reference = self._clock_offset.get(device)
         if reference is None:
             self._clock_offset[device] = offset
-            return
+            return not backwards
         skew = offset - reference
         skewed = abs(skew) > CLOCK_SKEW_TOLERANCE_S
         if not skewed:
             # Follow the slow drift between the two clocks; a step never moves the reference.
             self._clock_offset[device] = reference + 0.01 * skew
-        self._interlock(
-            t, "clock_skew", device, skewed, f"device clock {skew:+.3f} s off" if skewed else ""
-        )
+        if skewed:
+            self._interlock(t, "clock_skew", device, True, f"device clock {skew:+.3f} s off")
+        elif f"clock_skew:{device}" in live:
+            self._interlock(t, "clock_skew", device, False)
+        return not (backwards or skewed)
 
     def _report_estimate(self, t: float, estimate: MotionEstimate) -> None:
         present: dict[str, str] = {}
@@ -377,23 +430,38 @@ class SessionCore:
                 present[code] = reason
         if not estimate.valid and not present:
             present["estimate_invalid"] = ",".join(estimate.reasons)
-        for code in _PER_SAMPLE_INTERLOCKS:
-            subject = self.surrogate_device if code in _DEVICE_SUBJECT else None
-            self._interlock(t, code, subject, code in present, present.get(code, ""))
-        dwell = self.dwell.update(t, estimate, self.gate.center_mm)
-        self._interlock(t, "dwell_exceeded", None, dwell, f"> {self.dwell.dwell_mm} mm")
+        live = self.interlocks.live
+        # Reporting the absence of a condition that is neither present nor holding changes
+        # nothing: skip it (this runs at every sample).
+        if present or not live.isdisjoint(self._per_sample_key_set):
+            for code, subject in self._per_sample_keys:
+                if code in present:
+                    self._interlock(t, code, subject, True, present[code])
+                elif InterlockMonitor.key(code, subject) in live:
+                    self._interlock(t, code, subject, False)
+        if self.dwell.update(t, estimate, self.gate.center_mm):
+            self._interlock(t, "dwell_exceeded", None, True, f"> {self.dwell.dwell_mm} mm")
+        elif "dwell_exceeded" in live:
+            self._interlock(t, "dwell_exceeded", None, False)
 
     def _check_freshness(self, t: float) -> None:
+        monitor = self.interlocks
         for device, timeout in self.stale_timeout_s.items():
             last = self.status.last_rx.get(device)
-            self._interlock(t, "no_data", device, last is None)
-            stale = last is not None and t - last >= timeout
-            age = "" if last is None else f"age {1e3 * (t - last):.0f} ms"
-            # The age is recorded when the interlock is raised, never updated afterwards:
-            # re-evaluations between samples (not recorded) must not change what is logged.
-            held = f"stale_data:{device}" in self.interlocks.active()
-            self._interlock(t, "stale_data", device, stale, "" if held else age)
-        for event in self.interlocks.tick(t):
+            if last is None or f"no_data:{device}" in monitor.live:
+                self._interlock(t, "no_data", device, last is None)
+            # the same sum as next_deadline(): a decide at that deadline must find it stale
+            stale = last is not None and t >= last + timeout
+            key = f"stale_data:{device}"
+            if stale:
+                # The age is recorded when the interlock is raised, never updated afterwards:
+                # re-evaluations between samples (not recorded) must not change the log.
+                held = key in monitor.active()
+                age = "" if held else f"age {1e3 * (t - last):.0f} ms"
+                self._interlock(t, "stale_data", device, True, age)
+            elif key in monitor.live:
+                self._interlock(t, "stale_data", device, False)
+        for event in monitor.tick(t):
             self._record("events", (event.t, "interlock", event.kind, _key_detail(event)))
 
     def _interlock(

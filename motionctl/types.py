@@ -52,6 +52,7 @@ class MotionEstimate:
     uncertainty_mm: float = math.nan  # 1-sigma 3-D uncertainty of predicted_mm
     model: str = "none"  # which correlation model produced it ("prior" before X-rays)
     surrogate_mm: float = math.nan  # the processed surrogate (breathing axis, inhale +)
+    predicted_phase: float = math.nan  # the phase at t + horizon (phase + horizon / period)
 
 
 class HoldReason(StrEnum):

@@ -346,12 +346,14 @@ class FaultSchedule:
 
     def _begin(self, index: int) -> None:
         spec = self.specs[index]
+        # The fault starts when its injection begins: a disconnect can be seen (and held)
+        # before start_fault() has returned, and the hold latency counts from here.
+        t_s = self._clock() - self.t0
         try:
             self._targets[spec.device].start_fault(spec.kind)
         except Exception as exc:  # noqa: BLE001 - recorded and raised again by stop()
             self._fail(spec, "start_fault", exc)
             return
-        t_s = self._clock() - self.t0
         log.info("fault %s started at %.3f s", spec, t_s)
         with self._changed:
             self._active[index] = len(self._applied)

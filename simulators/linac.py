@@ -13,6 +13,8 @@ that it checks the driver rather than sharing its mistakes:
   so that tests and the rig can measure gating latency and duty cycle from the box's side;
 * can be told to stop answering (``set_acks_enabled(False)``) to exercise the host's
   ack-timeout path; the beam logic keeps running;
+* can put raw bytes on the line to the host (``inject(data)``: line noise or a corrupted
+  line between two intact replies, never inside one); the beam logic is not affected;
 * records every reply it wrote in ``sent`` (``SentReply``: monotonic send time, the bytes,
   the fault that shaped them);
 * takes runtime faults (``start_fault(kind)`` / ``stop_fault(kind)``; ``supported_faults``):
@@ -277,6 +279,23 @@ class LinacGatingSim:
         with self._cond:
             self._acks_enabled = enabled
         self._log.info("replies %s", "enabled" if enabled else "disabled")
+
+    def inject(self, data: bytes) -> bool:
+        """Fault hook: write ``data`` to the host now, between two replies (never inside
+        one); returns False if it could not be written (stopped, link down, buffer full).
+        The box's own state does not change: this is noise on its transmit line."""
+        with self._cond:
+            if self._master is None or "disconnect" in self._faults:
+                return False
+            try:
+                written = os.write(self._master, data)
+            except BlockingIOError:
+                written = 0
+            if written < len(data):
+                self._stats["replies_dropped"] += 1
+                return False
+        self._log.info("injected %r", data[:MAX_LINE_BYTES])
+        return True
 
     def active_faults(self) -> tuple[str, ...]:
         with self._cond:

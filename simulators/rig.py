@@ -80,7 +80,8 @@ class Rig:
 
     def fault_targets(self) -> dict:
         """The simulators by their device names in the config, for fault injection."""
-        return {"surface": self.surface, "spirometer": self.spirometer, "beam": self.linac}
+        targets = {"surface": self.surface, "spirometer": self.spirometer, "beam": self.linac}
+        return targets | ({"xray": self.xray} if self.xray is not None else {})
 
     def endpoints(self) -> dict:
         """Where a controller finds each simulated device: ``Controller(cfg,

@@ -71,6 +71,57 @@ and ghosting, dead pixels, gantry sag and flex, breathing of the anatomy backgro
 the seeds move: ribs, diaphragm and gas are static), seed migration, deformation of the
 constellation beyond a small breathing-correlated rotation, tube warm-up or dose limits,
 and imaging-system latency beyond the exposure itself.
+
+Faults
+------
+``XrayImagerSim`` takes runtime faults (``start_fault(kind)`` / ``stop_fault(kind)``, the
+``FaultTarget`` protocol of ``simulators/faults.py``; all of ``FAULT_KINDS``; several may be
+on together, the first that applies in this list wins). A fault acts on frames (one frame =
+every view of one acquisition, sharing a frame id); an image fault can only show when the
+next frame is due, so at ``rate_hz`` the receiver sees it up to one frame period after it
+started (a breathing trigger: up to one breathing cycle).
+
+============  ==============================================================================
+disconnect    every client connection is closed and the listening socket too, so a connect
+              is refused (the imaging workstation went off the network); no client, no
+              acquisitions. At the end the server listens again on the same port and the
+              driver reconnects with its back-off. Frames queued by ``delay``/``reorder``
+              are lost with the connection.
+freeze        connected, but the imager stops acquiring: no images, no frame ids used (a
+              tube or generator interlock, a stalled acquisition chain).
+garbage       each frame is replaced by ``garbage_bytes`` (200) random bytes: more than an
+              OpenIGTLink header (58 bytes), so the receiver reads a header of noise, loses
+              the framing, drops the connection and reconnects, and gets noise again at the
+              next frame while the fault lasts. No frame id is used (nothing imaged).
+delay         every frame is sent ``fault_delay_s`` (0.5 s) after it was ready, in order,
+              stamped with its true acquisition time (a congested link or a slow
+              reconstruction); when the fault ends the backlog goes out at once.
+reorder       consecutive frames swap pairwise (frame ids 1, 0, 3, 2, ...; the views of one
+              frame stay together); the held frame goes one frame period late. At the end a
+              held frame goes out at once.
+nan           the geometry is lost: the panel origin (the translation of ijk_to_world) is
+              NaN, NaN, NaN and the ``t_acquisition`` metadata reads "nan" (the pixels are
+              uint16 and cannot be NaN). The driver reports such images as malformed.
+jump          the imaged target -- the whole seed constellation -- is ``jump_mm``
+              ((0, 10, 0): 10 mm superior) away from where the patient model has it, while
+              the surrogate (another simulator, driven by the same model) does not move: an
+              internal baseline shift the surrogate does not show, which is exactly what
+              the fiducial check and the correlation model must catch. The
+              breathing-correlated rotation is unchanged; ``truth`` records the shifted
+              target (``TruthFrame.fault`` says so).
+clock-skew    ``t_acquisition`` (and the header timestamp) are ``clock_skew_s`` (2 s) early
+              for the duration: the imaging system's clock stepped back, then forward again
+              at the end.
+============  ==============================================================================
+
+Every frame sent is recorded in ``sent`` (``SentImage``: frame id, send time, the fault
+that shaped it), so a test can find the first faulty frame the receiver got.
+``start_fault``/``stop_fault`` return once the change is in effect on the wire: for
+``disconnect`` the listener is closed and every client gone, and at its end the server
+listens again; when ``delay`` or ``reorder`` ends, the backlog has been sent; the other
+kinds shape every frame made after the call returns (a frame already being rendered goes
+out as it was begun, except under ``freeze``/``disconnect``, which drop it; a frame already
+queued for the wire under ``freeze`` still goes out: it was acquired before).
 """
 
 from __future__ import annotations
@@ -78,6 +129,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import random
 import select
 import socket
 import threading
@@ -89,6 +142,12 @@ import cv2
 import numpy as np
 import pyigtl
 
+from motionctl.simulators.faults import (
+    FAULT_KINDS,
+    WireQueue,
+    fault_label,
+    unsupported_fault,
+)
 from motionctl.types import ProjectionGeometry
 
 log = logging.getLogger("motionctl.sim.xray")
@@ -99,6 +158,7 @@ __all__ = [
     "RenderTruth",
     "Seed",
     "SeedPose",
+    "SentImage",
     "TruthFrame",
     "XrayImagerSim",
     "gantry_geometry",
@@ -751,6 +811,13 @@ TRIGGERS = ("time", "phase", "amplitude")
 PHASE_DIRECTIONS = ("exhale", "inhale")
 _POLL_HZ = 50.0  # how often a breathing trigger samples the patient
 _SEND_TIMEOUT_S = 0.5  # a client that cannot take a frame in this time is dropped
+_ACCEPT_IDLE_S = 1.0  # a backstop only: the accept thread is woken through a pipe
+FAULT_DELAY_S = 0.5  # well beyond a controller's clock tolerance (0.25 s) plus render jitter
+GARBAGE_BYTES = 200  # more than one 58-byte header: the receiver reads a header of noise
+JUMP_MM = (0.0, 10.0, 0.0)  # the imaged target 10 mm superior, the surrogate unmoved
+CLOCK_SKEW_S = 2.0
+FAULT_SYNC_TIMEOUT_S = 2.0  # start_fault/stop_fault wait at most this for the threads
+_TRANSPORT_KINDS = frozenset({"delay", "reorder"})
 COORDINATES = "IEC61217_patient_mm"
 
 
@@ -768,6 +835,8 @@ class TruthFrame:
     seeds: tuple[SeedPose, ...]
     views: dict  # imager name -> RenderTruth
     images: dict  # imager name -> image (only with keep_images=True)
+    fault: str | None = None  # the fault kinds that shaped it; with "jump", target_mm and
+    # seeds are where the image shows them (shifted), not where the patient model has them
 
 
 def ijk_to_world(geometry: ProjectionGeometry) -> np.ndarray:
@@ -812,6 +881,29 @@ def image_message(
     return message
 
 
+@dataclass(frozen=True, slots=True)
+class SentImage:
+    """One frame as it went on the wire (every view of it, or the noise that replaced it)."""
+
+    frame_id: int | None  # None: not an image (garbage)
+    t_sent: float  # simulator clock just before the first byte was written
+    t_made: float  # simulator clock when the frame was ready to go (before a delay)
+    t_acquisition: float  # wall clock at mid-exposure, as sent (NaN for garbage and nan)
+    fault: str | None = None  # the fault kinds that shaped it ("jump", "nan+delay", ...)
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """A frame made but perhaps not yet sent (delay, reorder)."""
+
+    payloads: tuple[bytes, ...]
+    frame_id: int | None
+    t_made: float
+    t_acquisition: float
+    truth: TruthFrame | None
+    fault: str | None
+
+
 class XrayImagerSim:
     """A kV imaging system (one view, or a stereo pair sharing frame ids) over OpenIGTLink.
 
@@ -830,8 +922,12 @@ class XrayImagerSim:
     - ``"phase"``: only crossings in ``trigger_direction``: "exhale" (SI rising: the liver
       moves superior on exhale) or "inhale" -- one image per breathing cycle at one phase.
 
-    ``truth`` holds a ``TruthFrame`` per acquisition sent (images too with ``keep_images``).
+    ``truth`` holds a ``TruthFrame`` per acquisition sent (images too with ``keep_images``);
+    ``sent`` a ``SentImage`` per frame sent (garbage included). Faults: see the module
+    docstring (``start_fault`` / ``stop_fault``).
     """
+
+    supported_faults: tuple[str, ...] = FAULT_KINDS
 
     def __init__(
         self,
@@ -856,6 +952,8 @@ class XrayImagerSim:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         t0: float | None = None,
+        name: str = "xray",
+        fault_seed: int = 0,
     ):
         if not 1.0 <= rate_hz <= 15.0:
             raise ValueError(f"rate_hz must be within 1-15 Hz, got {rate_hz}")
@@ -890,30 +988,59 @@ class XrayImagerSim:
         self._clock = clock
         self._wall_clock = wall_clock
         self.t0 = t0
+        self.name = name
+        # Fault parameters: set them before the fault starts.
+        self.fault_delay_s = FAULT_DELAY_S
+        self.garbage_bytes = GARBAGE_BYTES
+        self.jump_mm = JUMP_MM
+        self.clock_skew_s = CLOCK_SKEW_S
         self._reference_si = float(patient.state(0.0).target_mm[1])
-        self._listener: socket.socket | None = None
+        self._listener: socket.socket | None = None  # owned by the accept thread once started
+        self._bound: tuple[str, int] | None = None
         self._clients: list[socket.socket] = []
         self._clients_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
         self._frame_id = 0
         self.truth: list[TruthFrame] = []
+        self.sent: list[SentImage] = []
         self._client_connected = threading.Condition()
+        # Guards the fault state, the wire queue and the listener's state flags.
+        self._cond = threading.Condition()
+        self._faults: set[str] = set()
+        self._wire: WireQueue[_Frame] = WireQueue()
+        self._dispatched = 0  # frames out of the wire queue (sent or lost)
+        self._kick = False  # the stream thread should look at the wire queue now
+        self._refusing = False  # the listener should be closed (disconnect)
+        self._listening = False
+        self._listen_error: OSError | None = None
+        self._fault_calls = threading.Lock()  # one start_fault/stop_fault at a time
+        self._fault_rng = random.Random(fault_seed)
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._listener is None:
+        if self._bound is None:
             raise RuntimeError("X-ray imager simulator not started")
-        return self._listener.getsockname()[:2]
+        return self._bound
 
     def start(self) -> tuple[str, int]:
         for geometry in self.geometries:  # the anatomy once, before the first frame is due
             _background(geometry, self._background_seed)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self._host, self._port))
-        listener.listen(4)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self._host, self._port))
+            listener.listen(4)
+            self._wake_r, self._wake_w = os.pipe()
+        except BaseException:
+            listener.close()
+            raise
         self._listener = listener
+        self._bound = listener.getsockname()[:2]
+        with self._cond:
+            self._listening = True
         if self.t0 is None:
             self.t0 = self._clock()
         self._stop.clear()
@@ -927,6 +1054,9 @@ class XrayImagerSim:
     def stop(self) -> None:
         """Stop imaging and close every connection; idempotent."""
         self._stop.set()
+        self._wake_accept()
+        with self._cond:
+            self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=2.0 + _SEND_TIMEOUT_S)
         self._threads.clear()
@@ -937,6 +1067,15 @@ class XrayImagerSim:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        for attr in ("_wake_r", "_wake_w"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+        self._bound = None
+        with self._cond:
+            self._listening = False
+            self._wire.clear()
 
     @property
     def client_count(self) -> int:
@@ -947,14 +1086,111 @@ class XrayImagerSim:
         with self._client_connected:
             return self._client_connected.wait_for(lambda: bool(self._clients), timeout)
 
+    # -- faults ------------------------------------------------------------------------------
+
+    def active_faults(self) -> tuple[str, ...]:
+        with self._cond:
+            return tuple(k for k in FAULT_KINDS if k in self._faults)
+
+    def start_fault(self, kind: str) -> None:
+        """Start a fault (see the module docstring); thread-safe, idempotent."""
+        if kind not in self.supported_faults:
+            raise unsupported_fault(self.name, kind, self.supported_faults)
+        with self._fault_calls:
+            with self._cond:
+                if kind in self._faults:
+                    return
+                self._faults.add(kind)
+                if kind == "disconnect":
+                    self._refusing = True
+                    self._dispatched += self._wire.clear()  # lost with the connection
+                    self._cond.notify_all()
+            if kind == "disconnect":
+                # Listener first, so that the driver's reconnect cannot get in between.
+                self._sync_listener_state(listening=False)
+                with self._clients_lock:
+                    clients, self._clients = self._clients, []
+                for client in clients:
+                    _close_client(client)
+            log.info("fault %s started", kind)
+
+    def stop_fault(self, kind: str) -> None:
+        """End a fault; thread-safe, idempotent. Raises OSError if the listener cannot be
+        opened again after a disconnect (the fault is over; the server retries)."""
+        if kind not in self.supported_faults:
+            raise unsupported_fault(self.name, kind, self.supported_faults)
+        with self._fault_calls:
+            with self._cond:
+                if kind not in self._faults:
+                    return
+                self._faults.discard(kind)
+                if kind == "disconnect":
+                    self._refusing = False
+                elif kind in ("delay", "reorder"):
+                    if kind == "reorder":
+                        self._wire.release_held()
+                    else:
+                        self._wire.release_all(self._clock())
+                    self._kick = True
+                    self._cond.notify_all()
+                    backlog = self._wire.pushed
+                    if self._threads:
+                        # A backlog of images takes a few ms per view to write.
+                        self._cond.wait_for(
+                            lambda: self._dispatched >= backlog or self._stop.is_set(),
+                            FAULT_SYNC_TIMEOUT_S,
+                        )
+            if kind == "disconnect":
+                self._sync_listener_state(listening=True)
+            log.info("fault %s ended", kind)
+
+    def _sync_listener_state(self, listening: bool) -> None:
+        if not self._threads:
+            return  # not running: the accept thread sets the listener up when it starts
+        self._wake_accept()
+        with self._cond:
+            done = self._cond.wait_for(
+                lambda: (
+                    self._listening == listening
+                    or (listening and self._listen_error is not None)
+                    or self._stop.is_set()
+                ),
+                FAULT_SYNC_TIMEOUT_S,
+            )
+            error = self._listen_error if listening else None
+        if error is not None:
+            raise OSError(f"{self.name}: cannot listen on {self._bound} again: {error}")
+        if not done:
+            raise RuntimeError(f"{self.name}: the accept thread did not answer")
+
+    def _wake_accept(self) -> None:
+        if self._wake_w is not None:
+            os.write(self._wake_w, b"x")
+
+    # -- accept thread -----------------------------------------------------------------------
+
     def _accept_loop(self) -> None:
-        assert self._listener is not None
+        assert self._wake_r is not None
         while not self._stop.is_set():
-            # select() with a timeout so that stop() is noticed without closing under accept().
-            readable, _, _ = select.select([self._listener], [], [], 0.1)
-            if not readable:
+            self._apply_listener_state()
+            listener = self._listener
+            watched = [self._wake_r] if listener is None else [self._wake_r, listener]
+            readable, _, _ = select.select(watched, [], [], _ACCEPT_IDLE_S)
+            if self._wake_r in readable:
+                os.read(self._wake_r, 4096)
                 continue
-            client, peer = self._listener.accept()
+            if listener is None or listener not in readable:
+                continue
+            try:
+                client, peer = listener.accept()
+            except OSError as exc:
+                log.info("accept failed: %s", exc)  # the peer gave up before we got to it
+                continue
+            with self._cond:
+                refusing = self._refusing
+            if refusing:
+                client.close()
+                continue
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.settimeout(_SEND_TIMEOUT_S)  # a stalled viewer must not stall imaging
             log.info("client connected from %s:%d", *peer[:2])
@@ -962,6 +1198,35 @@ class XrayImagerSim:
                 self._clients.append(client)
             with self._client_connected:
                 self._client_connected.notify_all()
+
+    def _apply_listener_state(self) -> None:
+        """Close or reopen the listener as the disconnect fault wants; accept thread only."""
+        with self._cond:
+            want = not self._refusing
+        error = None
+        if want and self._listener is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(self._bound)
+                listener.listen(4)
+            except OSError as exc:
+                listener.close()
+                error = exc
+                log.error("cannot listen on %s:%d again: %s", *self._bound, exc)
+            else:
+                self._listener = listener
+                log.info("listening again on %s:%d", *self._bound)
+        elif not want and self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            log.info("listener closed (disconnect)")
+        with self._cond:
+            self._listening = self._listener is not None
+            self._listen_error = error
+            self._cond.notify_all()
+
+    # -- stream thread -----------------------------------------------------------------------
 
     def _target_si(self, now: float) -> float | None:
         assert self.t0 is not None
@@ -976,24 +1241,32 @@ class XrayImagerSim:
         last_acquired = -math.inf
         while not self._stop.is_set():
             now = self._clock()
-            if now < next_t:
-                # Pacing the acquisition clock, not synchronisation: the imager's frame period.
-                if self._stop.wait(next_t - now):
-                    break
-            now = self._clock()
-            if breathing:
-                si = self._target_si(now)
-                crossed = self._crossed(last_si, si)
-                last_si = si
-                if crossed and now - last_acquired >= self._period_s - 1e-9:
-                    if self._acquire(now):
-                        last_acquired = now
-            else:
-                self._acquire(now)
-            next_t += tick_s
-            if self._clock() - next_t > tick_s:
-                next_t = self._clock()  # fell behind (loaded machine): skip, never burst
-            self._drain_requests()
+            if now >= next_t:
+                if breathing:
+                    si = self._target_si(now)
+                    crossed = self._crossed(last_si, si)
+                    last_si = si
+                    if crossed and now - last_acquired >= self._period_s - 1e-9:
+                        if self._acquire(now):
+                            last_acquired = now
+                else:
+                    self._acquire(now)
+                next_t += tick_s
+                if self._clock() - next_t > tick_s:
+                    next_t = self._clock()  # fell behind (loaded machine): skip, never burst
+                self._drain_requests()
+            self._send_due()
+            with self._cond:
+                wake_at = next_t
+                due = self._wire.next_due()
+                if due is not None:
+                    wake_at = min(wake_at, due)
+                timeout = wake_at - self._clock()
+                if timeout > 0 and not self._kick and not self._stop.is_set():
+                    # Pacing the acquisition clock, not synchronisation: the imager's frame
+                    # period; stop() and the end of a delay fault wake it early.
+                    self._cond.wait(timeout)
+                self._kick = False
 
     def _crossed(self, before: float | None, after: float | None) -> bool:
         if before is None or after is None:
@@ -1006,16 +1279,49 @@ class XrayImagerSim:
         return rising if self._trigger_direction == "exhale" else falling
 
     def _acquire(self, now: float) -> bool:
-        """Image every view with its exposure ending at ``now``; True if a client got it."""
-        with self._clients_lock:
-            clients = list(self._clients)
-        if not clients:
+        """Image every view with its exposure ending at ``now`` and queue the frame for the
+        wire; True if a frame was made (a client connected, the imager not stopped)."""
+        with self._cond:
+            faults = set(self._faults)
+        if "disconnect" in faults or "freeze" in faults:
             return False
+        with self._clients_lock:
+            if not self._clients:
+                return False
         assert self.t0 is not None
         t_mid = now - self.t0 - 0.5 * self.exposure_s
         if t_mid < 0:
             return False
-        t_wall = self._wall_clock() - 0.5 * self.exposure_s
+        transport = faults & _TRANSPORT_KINDS
+        if "garbage" in faults:
+            frame = _Frame(
+                (self._fault_rng.randbytes(self.garbage_bytes),),
+                None,
+                self._clock(),
+                math.nan,
+                None,
+                fault_label({"garbage"} | transport),
+            )
+        else:
+            frame = self._render_frame(now, t_mid, faults)
+        with self._cond:
+            if self._faults & {"disconnect", "freeze"}:
+                # Stopped while this frame was being rendered: it never left the imager.
+                if frame.frame_id is not None:
+                    self._frame_id = frame.frame_id  # no frame id spent
+                return False
+            self._wire.push(
+                frame,
+                frame.t_made,
+                delay_s=self.fault_delay_s if "delay" in self._faults else 0.0,
+                reorder="reorder" in self._faults,
+            )
+        return True
+
+    def _render_frame(self, now: float, t_mid: float, faults: set[str]) -> _Frame:
+        shaping = faults & (_TRANSPORT_KINDS | {"clock-skew", "jump", "nan"})
+        skew_s = self.clock_skew_s if "clock-skew" in faults else 0.0
+        t_wall = self._wall_clock() - 0.5 * self.exposure_s - skew_s
         state = self._patient.state(t_mid)
         h = 0.005
         before = self._patient.state(max(t_mid - h, 0.0)).target_mm
@@ -1023,9 +1329,13 @@ class XrayImagerSim:
         dt = t_mid + h - max(t_mid - h, 0.0)
         velocity = _tuple3((np.asarray(after) - np.asarray(before)) / dt)
         target = _tuple3(state.target_mm)
+        # The breathing-correlated rotation follows the breathing, not a shift of the target.
         rotation = self._rotation_deg_per_mm * (target[1] - self._reference_si)
+        if "jump" in faults:
+            target = _tuple3(np.asarray(target) + np.asarray(self.jump_mm, dtype=float))
         poses = seed_poses(self.seeds, target, rotation_deg=rotation)
         frame_id = self._frame_id
+        self._frame_id += 1
         views: dict = {}
         images: dict = {}
         payloads = []
@@ -1051,33 +1361,58 @@ class XrayImagerSim:
                 exposure_s=self.exposure_s,
                 geometry_name=self._geometry_name,
             )
+            if "nan" in faults:
+                matrix = np.array(message.ijk_to_world_matrix, dtype=float)
+                matrix[:3, 3] = math.nan  # the panel position is lost ...
+                message.ijk_to_world_matrix = matrix
+                message.metadata["t_acquisition"] = "nan"  # ... and the acquisition time
             payloads.append(message.pack())
-        delivered = False
-        for client in clients:
-            try:
-                for data in payloads:
-                    client.sendall(data)
-                delivered = True
-            except OSError as exc:  # includes the send timeout
-                log.info("client dropped: %s", exc)
-                self._drop(client)
-        if delivered:
-            self.truth.append(
-                TruthFrame(
-                    frame_id,
-                    now - 0.5 * self.exposure_s,
-                    t_mid,
-                    t_wall,
-                    target,
-                    rotation,
-                    velocity,
-                    tuple(poses),
-                    views,
-                    images,
+        label = fault_label(shaping)
+        truth_frame = TruthFrame(
+            frame_id,
+            now - 0.5 * self.exposure_s,
+            t_mid,
+            t_wall,
+            target,
+            rotation,
+            velocity,
+            tuple(poses),
+            views,
+            images,
+            label,
+        )
+        t_sent_as = math.nan if "nan" in faults else t_wall
+        return _Frame(tuple(payloads), frame_id, self._clock(), t_sent_as, truth_frame, label)
+
+    def _send_due(self) -> None:
+        with self._cond:
+            frames = self._wire.pop_due(self._clock())
+        if not frames:
+            return
+        for frame in frames:
+            with self._clients_lock:
+                clients = list(self._clients)
+            t_sent = self._clock()  # before the send: the controller may act before it returns
+            delivered = False
+            for client in clients:
+                try:
+                    for data in frame.payloads:
+                        client.sendall(data)
+                    delivered = True
+                except OSError as exc:  # includes the send timeout
+                    log.info("client dropped: %s", exc)
+                    self._drop(client)
+            if delivered:
+                self.sent.append(
+                    SentImage(
+                        frame.frame_id, t_sent, frame.t_made, frame.t_acquisition, frame.fault
+                    )
                 )
-            )
-            self._frame_id += 1
-        return delivered
+                if frame.truth is not None:
+                    self.truth.append(frame.truth)
+        with self._cond:
+            self._dispatched += len(frames)
+            self._cond.notify_all()
 
     def _drain_requests(self) -> None:
         # Clients may send queries; read and discard them so their send buffers never fill.
@@ -1085,7 +1420,10 @@ class XrayImagerSim:
             clients = list(self._clients)
         if not clients:
             return
-        readable, _, _ = select.select(clients, [], [], 0)
+        try:
+            readable, _, _ = select.select(clients, [], [], 0)
+        except (OSError, ValueError):
+            return  # a client closed under us by a disconnect fault: gone already
         for client in readable:
             try:
                 if not client.recv(65536):
@@ -1098,3 +1436,11 @@ class XrayImagerSim:
             if client in self._clients:
                 self._clients.remove(client)
         client.close()
+
+
+def _close_client(client: socket.socket) -> None:
+    try:
+        client.shutdown(socket.SHUT_RDWR)  # wakes a send in progress on another thread
+    except OSError:
+        pass  # the peer has gone already
+    client.close()

@@ -25,7 +25,11 @@ def synthetic_log(path: Path, seconds: float, seed: int) -> Path:
     SessionCore as the controller feeds it, recorded through SessionLogWriter (hash chain)."""
     cfg = load_config(
         None,
-        [f"patient.seed={seed}", "patient.drift_mm_per_min=[0.0, 0.0, 0.0]"],
+        [
+            f"patient.seed={seed}",
+            "patient.drift_mm_per_min=[0.0, 0.0, 0.0]",
+            "devices.xray.enabled=false",  # surrogate only
+        ],
     )
     patient = patient_from_config(cfg["patient"])
     writer = SessionLogWriter(path, cfg, t0=0.0)

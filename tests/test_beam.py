@@ -503,11 +503,63 @@ def test_driver_survives_malformed_replies(rec):
             assert rec.kinds("unmatched_ack")
             stats = beam.stats()
             assert (stats["malformed"], stats["acks"], stats["unmatched"]) == (3, 2, 1)
-            assert beam.fault() is None
+            # The first unreadable line put the link in doubt; the good ACK of an HB after
+            # it does not clear that, only a confirmed hold does.
+            assert beam.fault() == "malformed:checksum"
             assert all(e.device == "beam" for e in rec.events)
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_a_malformed_line_between_intact_acks_latches_until_a_confirmed_hold(rec):
+    """A garbled line from the box that is not in place of a reply (every message still gets
+    its ACK) is counted, reported, and puts the link in doubt: the gate holds on
+    beam_interface until an OFF sent after it is acknowledged OFF."""
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        with BeamInterface(os.ttyname(slave), on_ack=rec.on_ack, on_event=rec.on_event) as beam:
+            seq = beam.command(True)
+            assert _read_line(master) == frame(f"ON,{seq}")
+            os.write(master, frame(f"ACK,{seq},ON"))
+            rec.wait_ack(seq)
+            assert beam.fault() is None
+
+            os.write(master, b"$ACK,1,O\x15N*3C\n")  # noise in a line of its own
+            assert rec.wait_for(lambda r: r.kinds("malformed"))
+            assert beam.fault() == "malformed:syntax"
+            assert beam.stats()["malformed"] == 1
+            assert "control character 0x15" in rec.kinds("malformed")[0].detail
+
+            hb = beam.heartbeat()  # intact replies go on: still in doubt
+            assert _read_line(master) == frame(f"HB,{hb}")
+            os.write(master, frame(f"ACK,{hb},ON"))
+            rec.wait_ack(hb)
+            assert beam.fault() == "malformed:syntax"
+            assert beam.command(True) is None  # unchanged request: nothing sent
+
+            off = beam.command(False)
+            assert _read_line(master) == frame(f"OFF,{off}")
+            os.write(master, frame(f"ACK,{off},OFF"))
+            rec.wait_ack(off)
+            assert beam.fault() is None
+            assert [e.kind for e in rec.events] == ["malformed", "fault_cleared"]
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_sim_injected_noise_reaches_the_host_as_one_malformed_line(sim, iface, rec):
+    t0 = time.monotonic()
+    rec.wait_ack(iface.command(True))
+    assert sim.wait_for_edge(True, after=t0, timeout=WAIT_S) is not None
+    assert sim.inject(b"$ACK,0,ON*00\n")  # a wrong checksum, between replies
+    assert rec.wait_for(lambda r: r.kinds("malformed"))
+    assert iface.fault() == "malformed:checksum"
+    assert sim.beam_on  # the box itself saw nothing wrong: the host must hold it
+    rec.wait_ack(iface.command(False))
+    assert iface.fault() is None and not sim.beam_on
 
 
 def test_loop_url_reads_back_own_command_as_malformed(rec):

@@ -8,9 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from motionctl.config import load_config
 from motionctl.gating import TRANSITIONS, DwellMonitor, Gate, GateInputs, GateSettings, GateState
 from motionctl.interlocks import SPECS, InterlockMonitor
-from motionctl.types import MotionEstimate
+from motionctl.replay import stale_timeouts
+from motionctl.session import OperatorCommand, SessionCore
+from motionctl.types import FiducialMeasurement, MotionEstimate, SurrogateSample
 
 
 def estimate(si=-2.0, valid=True, phase=0.0, surrogate=0.0, reasons=()):
@@ -71,7 +74,7 @@ def test_every_failing_condition_holds_with_its_reason(inputs, reason):
 # -- phase gating ------------------------------------------------------------------------
 @pytest.mark.parametrize(("phase", "on"), [(0.85, True), (0.0, True), (0.19, True), (0.5, False)])
 def test_phase_window_wraps_through_end_exhale(phase, on):
-    gate = Gate(GateSettings(mode="phase", phase_window=(0.8, 0.2)))
+    gate = Gate(GateSettings(mode="phase", phase_window=(0.8, 0.2), source="surrogate"))
     decision = gate.update(0, ok(estimate(phase=phase)))
     assert decision.beam_enabled is on
     if not on:
@@ -141,17 +144,29 @@ def test_unknown_interlock_code_is_a_programming_error():
 
 
 # -- the safety property ------------------------------------------------------------------
+# Weighted towards every condition holding: a sequence that never enables the beam checks
+# nothing (with uniform choices fewer than 1 decision in 200 enabled it).
+mostly = st.sampled_from([True, True, True, False])
 step = st.fixed_dictionaries(
     {
         "dt": st.floats(0.0, 0.5),
-        "operator": st.booleans(),
-        "si": st.one_of(st.floats(-20, 20), st.just(math.nan), st.just(math.inf)),
-        "valid": st.booleans(),
+        "operator": mostly,
+        "si": st.one_of(st.floats(-6, 2), st.floats(-20, 20), st.just(math.nan), st.just(math.inf)),
+        "valid": mostly,
         "phase": st.one_of(st.floats(0, 1, exclude_max=True), st.just(math.nan)),
-        "volume": st.one_of(st.floats(-1, 4), st.just(math.nan)),
-        "interlock": st.sampled_from([None, *sorted(SPECS)]),
+        "volume": st.one_of(st.floats(1.8, 2.2), st.floats(-1, 4), st.just(math.nan)),
+        "interlock": st.one_of(st.none(), st.sampled_from(sorted(SPECS))),
         "clear": st.booleans(),
         "ack": st.booleans(),
+        # a re-evaluation between samples (an event, a command, a deadline), as the
+        # controller makes them: it may end the debounce count but never shorten it
+        "new_sample": st.booleans(),
+        # the operator's window changes and a re-captured breath-hold reference
+        "window": st.one_of(st.none(), st.tuples(st.floats(-10, 6), st.floats(0.5, 20))),
+        "capture": st.sampled_from([False] * 9 + [True]),
+        # every condition goes away (and the operator acknowledges if "ack"): without it an
+        # interlock once raised almost never clears again within a sequence
+        "recover": st.sampled_from([False, False, False, True]),
     }
 )
 
@@ -160,35 +175,210 @@ step = st.fixed_dictionaries(
 @given(
     mode=st.sampled_from(["amplitude", "phase", "breath_hold"]),
     debounce=st.integers(1, 4),
-    steps=st.lists(step, min_size=1, max_size=60),
+    steps=st.lists(step, min_size=8, max_size=40),
 )
 def test_no_sequence_enables_the_beam_while_any_condition_fails(mode, debounce, steps):
     gate = Gate(GateSettings(mode=mode, debounce_samples=debounce, min_stable_s=0.3))
     gate.capture_reference(2.0)
     mon = InterlockMonitor()
     t = 0.0
-    run = 0  # consecutive samples with every condition holding
+    reference = 2.0
+    run = 0  # consecutive samples with every condition holding (at a decision of theirs)
+    sample, counted = 0, -1  # the latest sample, the latest one counted in ``run``
     for s in steps:
         t += s["dt"]
+        if s["recover"]:
+            for code in SPECS:
+                mon.report(t, code, None, False)
+                if s["ack"]:
+                    mon.acknowledge(t, code)
         if s["interlock"] is not None:
             mon.report(t, s["interlock"], None, not s["clear"], "x")
             if s["ack"]:
                 mon.acknowledge(t, s["interlock"])
         mon.tick(t)
+        if s["window"] is not None:
+            gate.set_window(*s["window"])
+        if s["capture"] and math.isfinite(s["volume"]):
+            gate.capture_reference(s["volume"])
+            reference = s["volume"]
         est = MotionEstimate(t, (0, s["si"], 0), (0, s["si"], 0), 0.4, s["valid"], phase=s["phase"])
         inputs = GateInputs(est, mon.active(), s["operator"], s["volume"])
-        decision = gate.update(t, inputs)
+        decision = gate.update(t, inputs, new_sample=s["new_sample"])
         if mode == "amplitude":
             window_ok = s["valid"] and gate.lower_mm <= s["si"] <= gate.upper_mm
         elif mode == "phase":
             window_ok = s["valid"] and 0.8 <= s["phase"] or s["valid"] and s["phase"] < 0.2
         else:
-            window_ok = abs(s["volume"] - 2.0) <= 0.1  # (stability checked by the gate)
+            window_ok = abs(s["volume"] - reference) <= 0.1  # (stability checked by the gate)
         conditions = s["operator"] and not mon.active() and window_ok
-        run = run + 1 if conditions else 0
+        sample += s["new_sample"]
+        if not conditions:
+            run, counted = 0, -1
+        elif counted != sample:
+            run, counted = run + 1, sample
         if decision.beam_enabled:
             assert conditions, (decision, inputs)
             assert run >= debounce
             assert decision.reasons == ()
         else:
             assert decision.reasons, "a hold must say why"
+
+
+# -- the session core: safety violations found by bench/bench_scenarios.py -------------------
+# Each test is the shrunk scenario of a violation of "beam on => every condition holds",
+# driving SessionCore as the controller does (the input, then a decide).
+DEVICE_OFFSET_S = 100.0  # the tracker's clock - ours
+
+
+def _core(**gating):
+    cfg = load_config()
+    cfg["devices"]["xray"]["stale_timeout_s"] = 0.0  # these sessions image only when told
+    cfg["gating"].update(gating)
+    core = SessionCore(cfg, lambda table, row: None, stale_timeout_s=stale_timeouts(cfg))
+    core.on_command(0.0, OperatorCommand("enable"))
+    return core
+
+
+def _sample(core, i, t, t_device=None, ap=0.5):
+    """One surface sample (AP 0.5 mm: the prior puts the target at SI -0.75 mm, inside the
+    default window) and the controller's decide after it."""
+    t_device = t + DEVICE_OFFSET_S if t_device is None else t_device
+    core.on_surrogate(SurrogateSample("surface", i, t_device, t, (0.0, 0.0, ap)))
+    return core.decide(t, True)
+
+
+def _image(core, frame, t_acq, t_rx, si):
+    """An accepted X-ray position (SI ``si``) and the controller's decide after it."""
+    position = (0.0, si, 0.25)
+    core.on_fiducial(
+        FiducialMeasurement(
+            "xray", frame, t_acq, t_rx, "stereo", True, "", position, (0, 0, 0), 3, 0.2, 0.3
+        )
+    )
+    return core.decide(t_rx, False)
+
+
+def test_the_beam_holds_at_the_stale_deadline_the_core_asks_for():
+    # (0.1 + 0.075) - 0.1 < 0.075 in floating point: the decide at next_deadline() found the
+    # surface fresh, and next_deadline() then had no deadline left for it -- a deadline-driven
+    # caller (the what-if replay) never holds; the live controller holds one heartbeat late.
+    core = _core(debounce_samples=1)
+    for i in range(4):
+        decision = _sample(core, i, i / 30)
+    assert decision.beam_enabled
+    deadline = core.next_deadline(0.1)
+    assert deadline == 0.1 + 0.075
+    at_deadline = core.decide(deadline, False)
+    assert at_deadline is not None and not at_deadline.beam_enabled
+    assert "stale_data:surface" in at_deadline.reasons
+
+
+def test_a_non_finite_device_time_does_not_switch_off_the_clock_skew_check():
+    # A NaN device time made the device's reference clock offset NaN for good
+    # (reference + 0.01 * NaN): no later clock step was ever seen.
+    core = _core(debounce_samples=1)
+    for i in range(30):
+        _sample(core, i, i / 30)
+    _sample(core, 30, 1.0, t_device=math.nan)
+    for i in range(31, 45):  # the tracker's clock now 2 s ahead of ours
+        decision = _sample(core, i, i / 30, t_device=i / 30 + DEVICE_OFFSET_S + 2.0)
+        assert "clock_skew:surface" in core.interlocks.active(), i
+    assert not decision.beam_enabled
+
+
+def test_a_disagreeing_xray_position_holds_at_the_decide_after_it():
+    # The disagreement used to reach the interlocks only with the next surrogate sample.
+    core = _core(debounce_samples=1)
+    for i in range(30):
+        _sample(core, i, i / 30)
+    decision = _image(core, 1, 0.9, 0.98, si=15.0)  # 15.75 mm from the estimate
+    assert decision is not None and not decision.beam_enabled
+    assert "fiducial_disagreement" in decision.reasons
+
+
+def test_an_older_agreeing_image_does_not_clear_a_later_disagreement():
+    # An image acquired before the disagreeing one, arriving after it, cleared the
+    # disagreement (before any surrogate sample had raised it): beam on, nothing to ack.
+    core = _core(debounce_samples=1)
+    for i in range(30):
+        _sample(core, i, i / 30)
+    _image(core, 2, 0.9, 0.95, si=15.0)  # disagrees
+    _image(core, 1, 0.8, 0.97, si=-0.75)  # agrees, but was acquired before it
+    for i in range(30, 45):
+        _sample(core, i, i / 30)
+    core.on_command(1.5, OperatorCommand("acknowledge", "fiducial_disagreement"))
+    for i in range(45, 60):
+        decision = _sample(core, i, i / 30)
+        assert not decision.beam_enabled, (i, decision)
+
+
+def test_a_disagreeing_image_a_few_ms_out_of_order_still_needs_an_acknowledgement():
+    # An image acquired 2 ms before the previous one is dropped unchecked (its time went
+    # back): the 16 mm disagreement it shows never holds beyond the clock_backwards:xray
+    # clean period, and nobody is asked to acknowledge it.
+    core = _core(debounce_samples=1)
+    for i in range(30):
+        _sample(core, i, i / 30)
+    _image(core, 1, 0.900, 0.95, si=-0.75)  # agrees
+    _image(core, 2, 0.898, 0.99, si=15.0)  # disagrees; acquired 2 ms before the previous
+    for i in range(30, 40):
+        _sample(core, i, i / 30)
+    _image(core, 3, 1.25, 1.31, si=-0.75)  # a later image agrees: still to be acknowledged
+    for i in range(40, 60):
+        decision = _sample(core, i, i / 30)
+    assert not decision.beam_enabled
+    assert "fiducial_disagreement" in decision.reasons
+
+
+def test_a_surrogate_glitch_while_an_image_is_processed_does_not_lose_its_check():
+    # One invalid surrogate sample restarts the estimator and clears the surrogate history;
+    # an image acquired before it and delivered after it is then dropped ("no surrogate at
+    # t"), its 16 mm disagreement never checked: beam on once not_finite clears.
+    core = _core(debounce_samples=1)
+    for i in range(30):
+        _sample(core, i, i / 30)
+    _sample(core, 30, 1.0, ap=math.nan)
+    _image(core, 1, 0.9, 1.05, si=15.0)  # acquired before the glitch, 15.75 mm off
+    for i in range(32, 60):
+        decision = _sample(core, i, i / 30)
+    assert not decision.beam_enabled
+    assert "fiducial_disagreement" in decision.reasons
+
+
+def test_a_repeated_device_time_is_a_resent_frame_and_holds():
+    # A stuck tracker re-sending its last frame: fresh receipt times, the same device time.
+    core = _core(debounce_samples=1)
+    for i in range(30):
+        decision = _sample(core, i, i / 30)
+    assert decision.beam_enabled
+    t_device = 29 / 30 + DEVICE_OFFSET_S
+    decision = _sample(core, 30, 30 / 30, t_device=t_device)
+    assert not decision.beam_enabled
+    assert "clock_backwards:surface" in decision.reasons
+
+
+def test_an_unknown_breath_hold_level_restarts_the_stable_time():
+    gate = Gate(GateSettings(mode="breath_hold", min_stable_s=1.0, debounce_samples=1))
+    gate.capture_reference(1.0)
+
+    def at(t, volume):
+        return gate.update(t, GateInputs(None, (), True, volume))
+
+    at(0.0, 1.0)
+    at(0.9, math.nan)  # the level unknown for a moment
+    assert not at(1.05, 1.0).beam_enabled  # stable again only since 1.05 s
+    assert at(2.1, 1.0).beam_enabled
+
+
+def test_phase_gating_uses_the_phase_one_horizon_ahead():
+    def decide(source, phase, predicted_phase):
+        gate = Gate(GateSettings(mode="phase", phase_window=(0.8, 0.2), source=source))
+        estimate = MotionEstimate(
+            0.0, (0, 0, 0), (0, 0, 0), 0.4, True, phase=phase, predicted_phase=predicted_phase
+        )
+        return gate.update(0.0, GateInputs(estimate, (), True)).beam_enabled
+
+    # now at 0.75 (outside), one horizon ahead at 0.85 (inside): the beam comes on now
+    assert decide("predicted", 0.75, 0.85) and not decide("surrogate", 0.75, 0.85)
+    assert not decide("predicted", 0.15, 0.25) and decide("surrogate", 0.15, 0.25)

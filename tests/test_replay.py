@@ -183,9 +183,9 @@ def test_an_unknown_override_key_is_refused_naming_it(recorded):
 
 
 def test_a_log_without_decisions_replays_as_a_what_if(tmp_path):
-    # an imported recording: surrogate samples only
+    # an imported recording: surrogate samples only (and no imaging, as the importers say)
     path = tmp_path / "imported.sqlite"
-    cfg = load_config()
+    cfg = load_config(None, ["devices.xray.enabled=false"])
     patient = patient_from_config(cfg["patient"])
     writer = SessionLogWriter(path, cfg, t0=0.0)
     writer.device("surface", "imported", "trace.vxp")

@@ -591,6 +591,93 @@ def test_unanswered_command_is_ack_lost_and_a_late_ack_unmatched(raw_pty, rec):
         assert stats["lost_samples"] == 1
 
 
+def _collect_events():
+    events: list[DeviceEvent] = []
+    seen = threading.Condition()
+
+    def on_event(event: DeviceEvent) -> None:
+        with seen:
+            events.append(event)
+            seen.notify_all()
+
+    return events, seen, on_event
+
+
+def test_a_reordered_reading_is_late_not_a_gap_of_65534(raw_pty, rec):
+    """Pairwise swapped readings (the simulator's ``reorder``): each late one is reported and
+    counted as reordered, is not lost, and leaves the expected seq where it was."""
+    master, path = raw_pty
+    events, seen, on_event = _collect_events()
+    with SpirometerDriver(path, rec, on_event=on_event) as driver:
+        for seq, t_ms in ((4, 100), (6, 166), (5, 133), (7, 200), (9, 266), (8, 233), (10, 300)):
+            os.write(master, frame(f"SPV,{seq},{t_ms},600,0,C,600"))
+        assert rec.wait_for(lambda r: len(r.samples) == 7)
+        with seen:
+            assert seen.wait_for(lambda: len(events) >= 4, timeout=WAIT_S)
+        assert [(e.kind, e.detail) for e in events] == [
+            ("seq_gap", "expected SPV seq 5, got 6: 1 missing"),
+            ("reordered", "SPV seq 5 arrived after seq 6 (it was counted missing)"),
+            ("seq_gap", "expected SPV seq 8, got 9: 1 missing"),
+            ("reordered", "SPV seq 8 arrived after seq 9 (it was counted missing)"),
+        ]
+        stats = driver.stats()
+        assert (stats["samples"], stats["lost_samples"], stats["reordered"]) == (7, 0, 2)
+        # Still delivered, with its own earlier device time: the session holds on that
+        # (clock_backwards), and the driver reports no second event for it.
+        assert [s.seq for s in rec.samples] == [4, 6, 5, 7, 9, 8, 10]
+        assert [s.t_device for s in rec.samples] == [0.1, 0.166, 0.133, 0.2, 0.266, 0.233, 0.3]
+
+
+def test_a_seq_far_behind_is_a_restart_not_a_reorder(raw_pty, rec):
+    master, path = raw_pty
+    events, seen, on_event = _collect_events()
+    with SpirometerDriver(path, rec, on_event=on_event) as driver:
+        for seq, t_ms in ((500, 20000), (0, 10), (1, 43), (2, 76)):
+            os.write(master, frame(f"SPV,{seq},{t_ms},600,0,O,600"))
+        assert rec.wait_for(lambda r: len(r.samples) == 4)
+        with seen:
+            assert seen.wait_for(lambda: len(events) >= 2, timeout=WAIT_S)
+        assert [e.kind for e in events] == ["seq_reset", "clock_backwards"]
+        assert events[0].detail == "expected SPV seq 501, got 0: 501 back (device restart?)"
+        stats = driver.stats()
+        assert (stats["lost_samples"], stats["reordered"]) == (0, 0)
+
+
+def test_the_device_clock_is_unwrapped(raw_pty, rec):
+    """t_ms wraps 4294967295 -> 0 every 49.7 days: t_device goes on increasing through it,
+    also for a reading that arrives late across the wrap."""
+    master, path = raw_pty
+    events, seen, on_event = _collect_events()
+    top = 2**32
+    with SpirometerDriver(path, rec, on_event=on_event) as driver:
+        for seq, t_ms in ((0, top - 40), (1, top - 7), (3, 59), (2, 26), (4, 92)):
+            os.write(master, frame(f"SPV,{seq},{t_ms},600,0,O,600"))
+        assert rec.wait_for(lambda r: len(r.samples) == 5)
+        with seen:
+            assert seen.wait_for(lambda: len(events) >= 3, timeout=WAIT_S)
+        t = [round(s.t_device * 1e3) for s in rec.samples]
+        assert t == [top - 40, top - 7, top + 59, top + 26, top + 92]
+        assert [e.kind for e in events] == ["seq_gap", "clock_wrapped", "reordered"]
+        assert events[1].detail == f"device clock wrapped: t_ms {top - 7} -> 59"
+        stats = driver.stats()
+        assert (stats["clock_wraps"], stats["lost_samples"], stats["reordered"]) == (1, 0, 1)
+
+
+def test_an_in_order_reading_with_an_earlier_clock_is_reported(raw_pty, rec):
+    master, path = raw_pty
+    events, seen, on_event = _collect_events()
+    with SpirometerDriver(path, rec, on_event=on_event):
+        for seq, t_ms in ((0, 5000), (1, 3033), (2, 3066)):
+            os.write(master, frame(f"SPV,{seq},{t_ms},600,0,O,600"))
+        assert rec.wait_for(lambda r: len(r.samples) == 3)
+        with seen:
+            assert seen.wait_for(lambda: len(events) >= 1, timeout=WAIT_S)
+        assert [(e.kind, e.detail) for e in events] == [
+            ("clock_backwards", "device clock went back 1967 ms: t_ms 5000 -> 3033")
+        ]
+        assert [s.t_device for s in rec.samples] == [5.0, 3.033, 3.066]
+
+
 def test_device_disappearing_is_a_port_error_and_the_reader_ends(rec):
     sim = SpirometerSim(_steady_patient())
     sim.start()

@@ -628,3 +628,215 @@ def test_driver_rejects_bad_images_with_a_reason_and_keeps_running():
     assert counts.pop("connects") >= 2
     assert counts == {"frames": 3, "malformed": 6, "ignored": 1}
     assert any(isinstance(i, DeviceEvent) and i.kind == "disconnected" for i in items)
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime faults of the simulator (the FaultTarget protocol), seen through the driver
+
+
+class _Imaging:
+    """A small fast imager (64 x 48 px, 15 Hz) and a driver reading it into a queue."""
+
+    def __init__(self, patient=None, **kwargs):
+        from motionctl.simulators.patient import LujanParams as _P
+
+        self.patient = patient or LujanPatient(_P(), seed=2)
+        self.sim = XrayImagerSim(self.patient, [SMALL], rate_hz=15.0, **kwargs)
+        self.items: queue.Queue = queue.Queue()
+        self.driver = XrayImageDriver(
+            *self.sim.start(), self.items.put, expected_size=(64, 48), reconnect_max_s=0.1
+        )
+        self.driver.start()
+
+    def frames(self, n: int) -> list[XrayFrame]:
+        return [i for i in self.until(lambda got: _count(got, XrayFrame) >= n) if _is_frame(i)]
+
+    def until(self, done, timeout: float = TIMEOUT) -> list:
+        got: list = []
+        deadline = time.monotonic() + timeout
+        while not done(got):
+            got.append(self.items.get(timeout=max(0.01, deadline - time.monotonic())))
+        return got
+
+    def drain(self) -> list:
+        got = []
+        while True:
+            try:
+                got.append(self.items.get_nowait())
+            except queue.Empty:
+                return got
+
+    def close(self) -> None:
+        self.driver.stop()
+        self.sim.stop()
+
+
+def _is_frame(item) -> bool:
+    return isinstance(item, XrayFrame)
+
+
+def _count(items, kind, event: str | None = None) -> int:
+    return sum(1 for i in items if isinstance(i, kind) and (event is None or i.kind == event))
+
+
+@pytest.fixture
+def imaging():
+    made: list[_Imaging] = []
+
+    def start(**kwargs) -> _Imaging:
+        made.append(_Imaging(**kwargs))
+        return made[-1]
+
+    yield start
+    for m in made:
+        m.close()
+
+
+def test_fault_api_refuses_unknown_kinds_and_is_idempotent():
+    from motionctl.simulators.faults import FAULT_KINDS, FaultTarget
+
+    sim = XrayImagerSim(_SinePatient(1.0), [SMALL])
+    assert isinstance(sim, FaultTarget)
+    assert sim.supported_faults == FAULT_KINDS
+    with pytest.raises(ValueError, match="does not support fault 'melt'"):
+        sim.start_fault("melt")
+    with pytest.raises(ValueError, match="does not support"):
+        sim.stop_fault("melt")
+    for kind in FAULT_KINDS:  # not running: the state changes, nothing to wait for
+        sim.start_fault(kind)
+        sim.start_fault(kind)
+    assert sim.active_faults() == FAULT_KINDS
+    for kind in FAULT_KINDS:
+        sim.stop_fault(kind)
+        sim.stop_fault(kind)
+    assert sim.active_faults() == ()
+
+
+def test_freeze_stops_imaging_and_uses_no_frame_ids(imaging):
+    im = imaging()
+    im.frames(2)
+    im.sim.start_fault("freeze")
+    time.sleep(0.05)  # a frame queued for the wire before the freeze may still go out
+    made = len(im.sim.sent)
+    sent_ids = {s.frame_id for s in im.sim.sent}
+    time.sleep(0.3)  # 4.5 frame periods
+    assert len(im.sim.sent) == made
+    assert all(f.frame_id in sent_ids for f in im.drain() if _is_frame(f))
+    im.sim.stop_fault("freeze")
+    im.frames(2)
+    ids = [t.frame_id for t in im.sim.truth]
+    assert ids == list(range(len(ids)))  # no frame id was spent while frozen
+
+
+def test_disconnect_closes_the_link_refuses_connects_and_recovers(imaging):
+    im = imaging()
+    im.frames(1)
+    im.sim.start_fault("disconnect")
+    # Effective when start_fault returns: the client is gone and a connect is refused.
+    assert im.sim.client_count == 0
+    with pytest.raises(OSError):
+        socket.create_connection(im.sim.address, timeout=1.0).close()
+    got = im.until(lambda g: _count(g, DeviceEvent, "disconnected") >= 1)
+    sent = len(im.sim.sent)
+    time.sleep(0.25)
+    assert len(im.sim.sent) == sent  # no client, no acquisitions
+    im.sim.stop_fault("disconnect")
+    got = im.until(lambda g: _count(g, XrayFrame) >= 1)
+    assert _count(got, DeviceEvent, "connected") >= 1
+    assert im.driver.counts["connects"] >= 2
+
+
+def test_garbage_loses_the_framing_at_every_frame_and_images_resume(imaging):
+    im = imaging()
+    im.frames(1)
+    im.sim.start_fault("garbage")
+    got = im.until(lambda g: _count(g, DeviceEvent, "malformed") >= 2)
+    im.sim.stop_fault("garbage")
+    malformed = [i.detail for i in got if isinstance(i, DeviceEvent) and i.kind == "malformed"]
+    assert all(d.startswith("header") for d in malformed)
+    assert _count(got, DeviceEvent, "disconnected") >= 1  # framing lost: reconnect
+    noise = [s for s in im.sim.sent if s.fault == "garbage"]
+    assert noise and all(s.frame_id is None for s in noise)
+    im.frames(1)  # and images again once the fault has ended
+
+
+def test_nan_geometry_and_time_are_malformed(imaging):
+    im = imaging()
+    im.frames(1)
+    im.sim.start_fault("nan")
+    got = im.until(lambda g: _count(g, DeviceEvent, "malformed") >= 1)
+    im.sim.stop_fault("nan")
+    detail = next(i.detail for i in got if isinstance(i, DeviceEvent) and i.kind == "malformed")
+    assert "non-finite ijk_to_world" in detail and "'kv'" in detail
+    assert any(s.fault == "nan" and math.isnan(s.t_acquisition) for s in im.sim.sent)
+    im.frames(1)
+
+
+def test_delay_sends_frames_late_in_order_and_the_backlog_at_the_end(imaging):
+    im = imaging()
+    im.frames(1)
+    im.sim.fault_delay_s = 0.2
+    im.sim.start_fault("delay")
+    time.sleep(0.5)
+    im.sim.stop_fault("delay")
+    delayed = [s for s in im.sim.sent if s.fault == "delay"]
+    assert len(delayed) >= 4
+    late = [s.t_sent - s.t_made for s in delayed]
+    assert max(late) >= 0.19  # the full delay while the fault lasted ...
+    assert min(late) >= 0.0  # ... and the backlog went out at once when it ended
+    ids = [s.frame_id for s in im.sim.sent]
+    assert ids == sorted(ids)  # in order
+    # Every frame made was sent by the time stop_fault returned.
+    assert im.sim.truth[-1].frame_id == delayed[-1].frame_id
+    frames = [f for f in im.frames(len(ids)) if f.frame_id in {s.frame_id for s in delayed}]
+    for frame in frames:  # stamped with the true acquisition time, not the send time
+        sent = next(s for s in delayed if s.frame_id == frame.frame_id)
+        assert frame.t_device == pytest.approx(sent.t_acquisition, abs=1e-6)
+
+
+def test_reorder_swaps_frames_pairwise(imaging):
+    im = imaging()
+    im.frames(1)
+    im.sim.start_fault("reorder")
+    time.sleep(0.45)
+    im.sim.stop_fault("reorder")
+    shaped = [s.frame_id for s in im.sim.sent if s.fault == "reorder"]
+    assert len(shaped) >= 4
+    swapped = [(a, b) for a, b in zip(shaped[::2], shaped[1::2], strict=False)]
+    assert all(b == a - 1 for a, b in swapped), shaped
+    frames = im.frames(len(im.sim.sent))
+    received = [f.frame_id for f in frames if f.frame_id in set(shaped)]
+    assert received[:2] == shaped[:2]  # the driver sees them in wire order
+
+
+def test_jump_moves_the_imaged_seeds_but_not_the_patient(imaging):
+    patient = _SinePatient(1.0)
+    im = imaging(patient=patient)
+    im.frames(1)
+    im.sim.start_fault("jump")
+    im.until(lambda g: _count(g, XrayFrame) >= 3)
+    im.sim.stop_fault("jump")
+    jumped = [t for t in im.sim.truth if t.fault == "jump"]
+    assert jumped
+    for t in jumped:
+        model = patient.state(t.t_patient).target_mm
+        assert np.subtract(t.target_mm, model) == pytest.approx(im.sim.jump_mm)
+        # The seeds are drawn where the shifted constellation is.
+        assert np.mean([p.center_mm for p in t.seeds], axis=0) - np.mean(
+            [p.center_mm for p in seed_poses(im.sim.seeds, model, rotation_deg=t.rotation_deg)],
+            axis=0,
+        ) == pytest.approx(im.sim.jump_mm, abs=1e-9)
+
+
+def test_clock_skew_steps_the_acquisition_time_back(imaging):
+    im = imaging()
+    im.frames(1)
+    im.sim.start_fault("clock-skew")
+    got = [i for i in im.until(lambda g: _count(g, XrayFrame) >= 3) if _is_frame(i)]
+    im.sim.stop_fault("clock-skew")
+    skewed = {s.frame_id for s in im.sim.sent if s.fault == "clock-skew"}
+    frames = [f for f in got if f.frame_id in skewed]
+    assert frames
+    for frame in frames:
+        lag = time.time() - frame.t_device
+        assert 1.9 < lag < 2.5  # two seconds early (plus the transfer)
