@@ -955,8 +955,8 @@ class XrayImagerSim:
         name: str = "xray",
         fault_seed: int = 0,
     ):
-        if not 1.0 <= rate_hz <= 15.0:
-            raise ValueError(f"rate_hz must be within 1-15 Hz, got {rate_hz}")
+        if not 0.05 <= rate_hz <= 15.0:  # as imaging.rate_hz: an image every 20 s to 15 Hz
+            raise ValueError(f"rate_hz must be within 0.05-15 Hz, got {rate_hz}")
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {list(TRIGGERS)}, got {trigger!r}")
         if trigger_direction not in PHASE_DIRECTIONS:
