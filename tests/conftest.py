@@ -1,9 +1,15 @@
-"""Shared test fixtures: real data location, and a guard that no test leaves a thread,
-simulator or port of ours running."""
+"""Shared test fixtures: real data location, a guard that no test leaves a thread,
+simulator or port of ours running, the rig session harness, and `motionctl sim` runs with
+injected faults."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import subprocess
+import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -77,3 +83,24 @@ def session(tmp_path, session_class):
     yield start
     for s in sessions:
         s.close()
+
+
+def fault_schedule(names: Iterable[str], first_s: float, spacing_s: float, duration_s: float):
+    """``--fault`` values: each ``device:kind`` in turn, ``spacing_s`` apart."""
+    return [f"{name}@{first_s + i * spacing_s:g}+{duration_s:g}" for i, name in enumerate(names)]
+
+
+def run_sim(
+    log: Path, seconds: float, settings: Iterable[str] = (), faults: Iterable[str] = ()
+) -> tuple[dict, sqlite3.Connection]:
+    """``motionctl sim --headless --json`` on free ports, as a physicist runs it on the rig:
+    its JSON summary and its session log."""
+    command = [sys.executable, "-m", "motionctl.cli", "sim", "--headless"]
+    command += ["--seconds", f"{seconds:g}", "--json", "--log", str(log)]
+    for setting in ("devices.surface.port=0", "devices.xray.port=0", *settings):
+        command += ["--set", setting]
+    for fault in faults:
+        command += ["--fault", fault]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout), sqlite3.connect(log)

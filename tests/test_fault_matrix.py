@@ -8,11 +8,9 @@ interlock that did it, with its reason."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import subprocess
-import sys
 
 import pytest
+from conftest import fault_schedule, run_sim
 
 pytestmark = pytest.mark.rig
 
@@ -38,46 +36,19 @@ HOLD_WITHIN_MS = 50.0
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     log = tmp_path_factory.mktemp("matrix") / "faults.sqlite"
-    faults = [
-        f"{name}@{FIRST_S + i * SPACING_S:g}+{DURATION_S:g}" for i, name in enumerate(EXPECTED)
-    ]
-    seconds = FIRST_S + len(faults) * SPACING_S + 1
-    command = [
-        sys.executable,
-        "-m",
-        "motionctl.cli",
-        "sim",
-        "--headless",
-        "--seconds",
-        str(seconds),
-        "--json",
-        "--log",
-        str(log),
-        "--set",
-        "devices.surface.port=0",
-        "--set",
-        "devices.xray.port=0",
-        "--set",
+    faults = fault_schedule(EXPECTED, FIRST_S, SPACING_S, DURATION_S)
+    settings = (
         "session.operator_enable_after_s=0.5",
-        # 1.35 frame periods: a freeze is held within 50 ms (the default, 3 periods, trades
-        # that for fewer nuisance holds when frames jitter)
-        "--set",
+        # 1.35 frame periods: a freeze is held within 50 ms (the default, 2.25 periods,
+        # trades that for fewer nuisance holds when frames jitter)
         "devices.surface.stale_timeout_s=0.045",
         # no X-ray model: a jump of the surrogate would (rightly) invalidate it for good
-        "--set",
         "devices.xray.enabled=false",
         # a window wide enough that only the faults can hold the beam
-        "--set",
         "gating.center_mm=-6",
-        "--set",
         "gating.window_mm=20",
-    ]
-    for fault in faults:
-        command += ["--fault", fault]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout)
-    return summary, sqlite3.connect(log)
+    )
+    return run_sim(log, FIRST_S + len(faults) * SPACING_S + 1, settings, faults)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

@@ -20,11 +20,9 @@ loaded machine.
 from __future__ import annotations
 
 import json
-import sqlite3
-import subprocess
-import sys
 
 import pytest
+from conftest import fault_schedule, run_sim
 
 pytestmark = pytest.mark.rig
 
@@ -61,51 +59,20 @@ HOLD_WITHIN_MS = 50.0
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     log = tmp_path_factory.mktemp("spirometer_matrix") / "faults.sqlite"
-    faults = [
-        f"spirometer:{kind}@{FIRST_S + i * SPACING_S:g}+{DURATION_S:g}"
-        for i, kind in enumerate(EXPECTED)
-    ]
-    seconds = FIRST_S + len(faults) * SPACING_S + 1
-    command = [
-        sys.executable,
-        "-m",
-        "motionctl.cli",
-        "sim",
-        "--headless",
-        "--seconds",
-        str(seconds),
-        "--json",
-        "--log",
-        str(log),
-        "--set",
-        "devices.surface.port=0",
-        "--set",
-        "devices.xray.port=0",
-        "--set",
+    faults = fault_schedule((f"spirometer:{k}" for k in EXPECTED), FIRST_S, SPACING_S, DURATION_S)
+    settings = (
         "devices.xray.enabled=false",
-        "--set",
         "session.operator_enable_after_s=0.5",
-        "--set",
         "gating.mode=breath_hold",
-        "--set",
         "gating.breath_hold_signal=volume",
         # one hold of 60 s, from the second cycle on
-        "--set",
         "patient.breath_hold_per_min=60",
-        "--set",
         "patient.breath_hold_s=60",
-        "--set",
         "patient.period_s=3",
         # 1.35 readings: a stream that stops is held within 50 ms (see the docstring)
-        "--set",
         "devices.spirometer.stale_timeout_s=0.045",
-    ]
-    for fault in faults:
-        command += ["--fault", fault]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout)
-    return summary, sqlite3.connect(log)
+    )
+    return run_sim(log, FIRST_S + len(EXPECTED) * SPACING_S + 1, settings, faults)
 
 
 def _fault(summary, kind):

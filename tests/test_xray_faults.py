@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 
 import pytest
+from conftest import fault_schedule, run_sim
 
 pytestmark = pytest.mark.rig
 
@@ -64,50 +63,19 @@ GROUPS = {
 }
 
 
-def sim_command(kinds, log) -> list[str]:
-    faults = [
-        f"xray:{kind}@{FIRST_S + i * SPACING_S:g}+{DURATION_S:g}" for i, kind in enumerate(kinds)
-    ]
+def run_group(kinds, log) -> tuple[dict, sqlite3.Connection]:
+    faults = fault_schedule((f"xray:{k}" for k in kinds), FIRST_S, SPACING_S, DURATION_S)
     seconds = FIRST_S + (len(kinds) - 1) * SPACING_S + DURATION_S + 1.0
-    command = [
-        sys.executable,
-        "-m",
-        "motionctl.cli",
-        "sim",
-        "--headless",
-        "--seconds",
-        f"{seconds:g}",
-        "--json",
-        "--log",
-        str(log),
-        "--set",
-        "devices.surface.port=0",
-        "--set",
-        "devices.xray.port=0",
-        "--set",
+    settings = (
         "devices.xray.enabled=true",
-        "--set",
         f"imaging.rate_hz={RATE_HZ:g}",
-        "--set",
         f"devices.xray.stale_timeout_s={STALE_S:g}",
-        "--set",
         "session.operator_enable_after_s=0.5",
         # a window wide enough that only the faults can hold the beam
-        "--set",
         "gating.center_mm=-6",
-        "--set",
         "gating.window_mm=20",
-    ]
-    for fault in faults:
-        command += ["--fault", fault]
-    return command
-
-
-def run_group(kinds, log) -> tuple[dict, sqlite3.Connection]:
-    command = sim_command(kinds, log)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout), sqlite3.connect(log)
+    )
+    return run_sim(log, seconds, settings, faults)
 
 
 @pytest.fixture(scope="module")
