@@ -129,11 +129,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import random
-import select
-import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,12 +138,8 @@ import cv2
 import numpy as np
 import pyigtl
 
-from motionctl.simulators.faults import (
-    FAULT_KINDS,
-    WireQueue,
-    fault_label,
-    unsupported_fault,
-)
+from motionctl.simulators.faults import fault_label
+from motionctl.simulators.igtl_server import IgtlServerSim
 from motionctl.types import ProjectionGeometry
 
 log = logging.getLogger("motionctl.sim.xray")
@@ -811,12 +803,13 @@ TRIGGERS = ("time", "phase", "amplitude")
 PHASE_DIRECTIONS = ("exhale", "inhale")
 _POLL_HZ = 50.0  # how often a breathing trigger samples the patient
 _SEND_TIMEOUT_S = 0.5  # a client that cannot take a frame in this time is dropped
-_ACCEPT_IDLE_S = 1.0  # a backstop only: the accept thread is woken through a pipe
 FAULT_DELAY_S = 0.5  # well beyond a controller's clock tolerance (0.25 s) plus render jitter
 GARBAGE_BYTES = 200  # more than one 58-byte header: the receiver reads a header of noise
 JUMP_MM = (0.0, 10.0, 0.0)  # the imaged target 10 mm superior, the surrogate unmoved
 CLOCK_SKEW_S = 2.0
-FAULT_SYNC_TIMEOUT_S = 2.0  # start_fault/stop_fault wait at most this for the threads
+# start_fault/stop_fault wait at most this for the threads: a backlog of images takes a
+# few ms per view to write.
+FAULT_SYNC_TIMEOUT_S = 2.0
 _TRANSPORT_KINDS = frozenset({"delay", "reorder"})
 COORDINATES = "IEC61217_patient_mm"
 
@@ -904,7 +897,7 @@ class _Frame:
     fault: str | None
 
 
-class XrayImagerSim:
+class XrayImagerSim(IgtlServerSim):
     """A kV imaging system (one view, or a stereo pair sharing frame ids) over OpenIGTLink.
 
     At each acquisition the patient is sampled at mid-exposure; the seed constellation is
@@ -927,7 +920,11 @@ class XrayImagerSim:
     docstring (``start_fault`` / ``stop_fault``).
     """
 
-    supported_faults: tuple[str, ...] = FAULT_KINDS
+    _log = log
+    _thread_prefix = "sim-xray"
+    _description = "X-ray imager simulator"
+    _fault_sync_timeout_s = FAULT_SYNC_TIMEOUT_S
+    _send_timeout_s = _SEND_TIMEOUT_S  # a stalled viewer must not stall imaging
 
     def __init__(
         self,
@@ -969,11 +966,13 @@ class XrayImagerSim:
         names = [g.imager for g in geometries]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"need one or more geometries with distinct imager names: {names}")
+        period_s = 1.0 / rate_hz
+        tick_s = period_s if trigger == "time" else 1.0 / _POLL_HZ  # a breathing trigger polls
+        super().__init__(host=host, port=port, tick_s=tick_s, clock=clock, t0=t0, name=name)
         self._patient = patient
         self.geometries = tuple(geometries)
         self.seeds = tuple(seeds)
-        self._host, self._port = host, port
-        self._period_s = 1.0 / rate_hz
+        self._period_s = period_s
         self._trigger = trigger
         self._trigger_si_mm = float(trigger_si_mm)
         self._trigger_direction = trigger_direction
@@ -985,246 +984,32 @@ class XrayImagerSim:
         self._geometry_name = geometry_name
         self._rng = np.random.default_rng(rng_seed)
         self._keep_images = keep_images
-        self._clock = clock
         self._wall_clock = wall_clock
-        self.t0 = t0
-        self.name = name
         # Fault parameters: set them before the fault starts.
         self.fault_delay_s = FAULT_DELAY_S
         self.garbage_bytes = GARBAGE_BYTES
         self.jump_mm = JUMP_MM
         self.clock_skew_s = CLOCK_SKEW_S
         self._reference_si = float(patient.state(0.0).target_mm[1])
-        self._listener: socket.socket | None = None  # owned by the accept thread once started
-        self._bound: tuple[str, int] | None = None
-        self._clients: list[socket.socket] = []
-        self._clients_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
         self._frame_id = 0
         self.truth: list[TruthFrame] = []
         self.sent: list[SentImage] = []
-        self._client_connected = threading.Condition()
-        # Guards the fault state, the wire queue and the listener's state flags.
-        self._cond = threading.Condition()
-        self._faults: set[str] = set()
-        self._wire: WireQueue[_Frame] = WireQueue()
-        self._dispatched = 0  # frames out of the wire queue (sent or lost)
-        self._kick = False  # the stream thread should look at the wire queue now
-        self._refusing = False  # the listener should be closed (disconnect)
-        self._listening = False
-        self._listen_error: OSError | None = None
-        self._fault_calls = threading.Lock()  # one start_fault/stop_fault at a time
         self._fault_rng = random.Random(fault_seed)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        if self._bound is None:
-            raise RuntimeError("X-ray imager simulator not started")
-        return self._bound
+        # The breathing trigger's state, reset by start().
+        self._last_si: float | None = None
+        self._last_acquired = -math.inf
 
     def start(self) -> tuple[str, int]:
         for geometry in self.geometries:  # the anatomy once, before the first frame is due
             _background(geometry, self._background_seed)
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self._host, self._port))
-            listener.listen(4)
-            self._wake_r, self._wake_w = os.pipe()
-        except BaseException:
-            listener.close()
-            raise
-        self._listener = listener
-        self._bound = listener.getsockname()[:2]
-        with self._cond:
-            self._listening = True
-        if self.t0 is None:
-            self.t0 = self._clock()
-        self._stop.clear()
-        for target, name in ((self._accept_loop, "accept"), (self._stream_loop, "stream")):
-            thread = threading.Thread(target=target, name=f"sim-xray-{name}")
-            thread.start()
-            self._threads.append(thread)
-        log.info("X-ray imager simulator on %s:%d", *self.address)
-        return self.address
-
-    def stop(self) -> None:
-        """Stop imaging and close every connection; idempotent."""
-        self._stop.set()
-        self._wake_accept()
-        with self._cond:
-            self._cond.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=2.0 + _SEND_TIMEOUT_S)
-        self._threads.clear()
-        with self._clients_lock:
-            for client in self._clients:
-                client.close()
-            self._clients.clear()
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        for attr in ("_wake_r", "_wake_w"):
-            fd = getattr(self, attr)
-            if fd is not None:
-                setattr(self, attr, None)
-                os.close(fd)
-        self._bound = None
-        with self._cond:
-            self._listening = False
-            self._wire.clear()
+        self._last_si = None
+        self._last_acquired = -math.inf
+        return super().start()
 
     @property
     def client_count(self) -> int:
         with self._clients_lock:
             return len(self._clients)
-
-    def wait_for_client(self, timeout: float) -> bool:
-        with self._client_connected:
-            return self._client_connected.wait_for(lambda: bool(self._clients), timeout)
-
-    # -- faults ------------------------------------------------------------------------------
-
-    def active_faults(self) -> tuple[str, ...]:
-        with self._cond:
-            return tuple(k for k in FAULT_KINDS if k in self._faults)
-
-    def start_fault(self, kind: str) -> None:
-        """Start a fault (see the module docstring); thread-safe, idempotent."""
-        if kind not in self.supported_faults:
-            raise unsupported_fault(self.name, kind, self.supported_faults)
-        with self._fault_calls:
-            with self._cond:
-                if kind in self._faults:
-                    return
-                self._faults.add(kind)
-                if kind == "disconnect":
-                    self._refusing = True
-                    self._dispatched += self._wire.clear()  # lost with the connection
-                    self._cond.notify_all()
-            if kind == "disconnect":
-                # Listener first, so that the driver's reconnect cannot get in between.
-                self._sync_listener_state(listening=False)
-                with self._clients_lock:
-                    clients, self._clients = self._clients, []
-                for client in clients:
-                    _close_client(client)
-            log.info("fault %s started", kind)
-
-    def stop_fault(self, kind: str) -> None:
-        """End a fault; thread-safe, idempotent. Raises OSError if the listener cannot be
-        opened again after a disconnect (the fault is over; the server retries)."""
-        if kind not in self.supported_faults:
-            raise unsupported_fault(self.name, kind, self.supported_faults)
-        with self._fault_calls:
-            with self._cond:
-                if kind not in self._faults:
-                    return
-                self._faults.discard(kind)
-                if kind == "disconnect":
-                    self._refusing = False
-                elif kind in ("delay", "reorder"):
-                    if kind == "reorder":
-                        self._wire.release_held()
-                    else:
-                        self._wire.release_all(self._clock())
-                    self._kick = True
-                    self._cond.notify_all()
-                    backlog = self._wire.pushed
-                    if self._threads:
-                        # A backlog of images takes a few ms per view to write.
-                        self._cond.wait_for(
-                            lambda: self._dispatched >= backlog or self._stop.is_set(),
-                            FAULT_SYNC_TIMEOUT_S,
-                        )
-            if kind == "disconnect":
-                self._sync_listener_state(listening=True)
-            log.info("fault %s ended", kind)
-
-    def _sync_listener_state(self, listening: bool) -> None:
-        if not self._threads:
-            return  # not running: the accept thread sets the listener up when it starts
-        self._wake_accept()
-        with self._cond:
-            done = self._cond.wait_for(
-                lambda: (
-                    self._listening == listening
-                    or (listening and self._listen_error is not None)
-                    or self._stop.is_set()
-                ),
-                FAULT_SYNC_TIMEOUT_S,
-            )
-            error = self._listen_error if listening else None
-        if error is not None:
-            raise OSError(f"{self.name}: cannot listen on {self._bound} again: {error}")
-        if not done:
-            raise RuntimeError(f"{self.name}: the accept thread did not answer")
-
-    def _wake_accept(self) -> None:
-        if self._wake_w is not None:
-            os.write(self._wake_w, b"x")
-
-    # -- accept thread -----------------------------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        assert self._wake_r is not None
-        while not self._stop.is_set():
-            self._apply_listener_state()
-            listener = self._listener
-            watched = [self._wake_r] if listener is None else [self._wake_r, listener]
-            readable, _, _ = select.select(watched, [], [], _ACCEPT_IDLE_S)
-            if self._wake_r in readable:
-                os.read(self._wake_r, 4096)
-                continue
-            if listener is None or listener not in readable:
-                continue
-            try:
-                client, peer = listener.accept()
-            except OSError as exc:
-                log.info("accept failed: %s", exc)  # the peer gave up before we got to it
-                continue
-            with self._cond:
-                refusing = self._refusing
-            if refusing:
-                client.close()
-                continue
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.settimeout(_SEND_TIMEOUT_S)  # a stalled viewer must not stall imaging
-            log.info("client connected from %s:%d", *peer[:2])
-            with self._clients_lock:
-                self._clients.append(client)
-            with self._client_connected:
-                self._client_connected.notify_all()
-
-    def _apply_listener_state(self) -> None:
-        """Close or reopen the listener as the disconnect fault wants; accept thread only."""
-        with self._cond:
-            want = not self._refusing
-        error = None
-        if want and self._listener is None:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(self._bound)
-                listener.listen(4)
-            except OSError as exc:
-                listener.close()
-                error = exc
-                log.error("cannot listen on %s:%d again: %s", *self._bound, exc)
-            else:
-                self._listener = listener
-                log.info("listening again on %s:%d", *self._bound)
-        elif not want and self._listener is not None:
-            self._listener.close()
-            self._listener = None
-            log.info("listener closed (disconnect)")
-        with self._cond:
-            self._listening = self._listener is not None
-            self._listen_error = error
-            self._cond.notify_all()
 
     # -- stream thread -----------------------------------------------------------------------
 
@@ -1233,40 +1018,16 @@ class XrayImagerSim:
         t = now - self.t0
         return float(self._patient.state(t).target_mm[1]) if t >= 0 else None
 
-    def _stream_loop(self) -> None:
-        breathing = self._trigger != "time"
-        tick_s = 1.0 / _POLL_HZ if breathing else self._period_s
-        next_t = self._clock()
-        last_si: float | None = None
-        last_acquired = -math.inf
-        while not self._stop.is_set():
-            now = self._clock()
-            if now >= next_t:
-                if breathing:
-                    si = self._target_si(now)
-                    crossed = self._crossed(last_si, si)
-                    last_si = si
-                    if crossed and now - last_acquired >= self._period_s - 1e-9:
-                        if self._acquire(now):
-                            last_acquired = now
-                else:
-                    self._acquire(now)
-                next_t += tick_s
-                if self._clock() - next_t > tick_s:
-                    next_t = self._clock()  # fell behind (loaded machine): skip, never burst
-                self._drain_requests()
-            self._send_due()
-            with self._cond:
-                wake_at = next_t
-                due = self._wire.next_due()
-                if due is not None:
-                    wake_at = min(wake_at, due)
-                timeout = wake_at - self._clock()
-                if timeout > 0 and not self._kick and not self._stop.is_set():
-                    # Pacing the acquisition clock, not synchronisation: the imager's frame
-                    # period; stop() and the end of a delay fault wake it early.
-                    self._cond.wait(timeout)
-                self._kick = False
+    def _tick(self, now: float) -> None:
+        if self._trigger == "time":
+            self._acquire(now)
+            return
+        si = self._target_si(now)
+        crossed = self._crossed(self._last_si, si)
+        self._last_si = si
+        if crossed and now - self._last_acquired >= self._period_s - 1e-9:
+            if self._acquire(now):
+                self._last_acquired = now
 
     def _crossed(self, before: float | None, after: float | None) -> bool:
         if before is None or after is None:
@@ -1281,13 +1042,9 @@ class XrayImagerSim:
     def _acquire(self, now: float) -> bool:
         """Image every view with its exposure ending at ``now`` and queue the frame for the
         wire; True if a frame was made (a client connected, the imager not stopped)."""
-        with self._cond:
-            faults = set(self._faults)
-        if "disconnect" in faults or "freeze" in faults:
+        faults = self._frame_faults()
+        if faults is None:
             return False
-        with self._clients_lock:
-            if not self._clients:
-                return False
         assert self.t0 is not None
         t_mid = now - self.t0 - 0.5 * self.exposure_s
         if t_mid < 0:
@@ -1310,12 +1067,7 @@ class XrayImagerSim:
                 if frame.frame_id is not None:
                     self._frame_id = frame.frame_id  # no frame id spent
                 return False
-            self._wire.push(
-                frame,
-                frame.t_made,
-                delay_s=self.fault_delay_s if "delay" in self._faults else 0.0,
-                reorder="reorder" in self._faults,
-            )
+            self._push_locked(frame, frame.t_made)
         return True
 
     def _render_frame(self, now: float, t_mid: float, faults: set[str]) -> _Frame:
@@ -1384,63 +1136,9 @@ class XrayImagerSim:
         t_sent_as = math.nan if "nan" in faults else t_wall
         return _Frame(tuple(payloads), frame_id, self._clock(), t_sent_as, truth_frame, label)
 
-    def _send_due(self) -> None:
-        with self._cond:
-            frames = self._wire.pop_due(self._clock())
-        if not frames:
-            return
-        for frame in frames:
-            with self._clients_lock:
-                clients = list(self._clients)
-            t_sent = self._clock()  # before the send: the controller may act before it returns
-            delivered = False
-            for client in clients:
-                try:
-                    for data in frame.payloads:
-                        client.sendall(data)
-                    delivered = True
-                except OSError as exc:  # includes the send timeout
-                    log.info("client dropped: %s", exc)
-                    self._drop(client)
-            if delivered:
-                self.sent.append(
-                    SentImage(
-                        frame.frame_id, t_sent, frame.t_made, frame.t_acquisition, frame.fault
-                    )
-                )
-                if frame.truth is not None:
-                    self.truth.append(frame.truth)
-        with self._cond:
-            self._dispatched += len(frames)
-            self._cond.notify_all()
-
-    def _drain_requests(self) -> None:
-        # Clients may send queries; read and discard them so their send buffers never fill.
-        with self._clients_lock:
-            clients = list(self._clients)
-        if not clients:
-            return
-        try:
-            readable, _, _ = select.select(clients, [], [], 0)
-        except (OSError, ValueError):
-            return  # a client closed under us by a disconnect fault: gone already
-        for client in readable:
-            try:
-                if not client.recv(65536):
-                    self._drop(client)
-            except OSError:
-                self._drop(client)
-
-    def _drop(self, client: socket.socket) -> None:
-        with self._clients_lock:
-            if client in self._clients:
-                self._clients.remove(client)
-        client.close()
-
-
-def _close_client(client: socket.socket) -> None:
-    try:
-        client.shutdown(socket.SHUT_RDWR)  # wakes a send in progress on another thread
-    except OSError:
-        pass  # the peer has gone already
-    client.close()
+    def _record_sent(self, frame: _Frame, t_sent: float) -> None:
+        self.sent.append(
+            SentImage(frame.frame_id, t_sent, frame.t_made, frame.t_acquisition, frame.fault)
+        )
+        if frame.truth is not None:
+            self.truth.append(frame.truth)
