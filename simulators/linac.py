@@ -53,24 +53,17 @@ What it does NOT model:
 from __future__ import annotations
 
 import logging
-import os
-import random
-import select
-import threading
 import time
-import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from motionctl.simulators.faults import WireQueue, fault_label, noise_line, unsupported_fault
+from motionctl.simulators.faults import fault_label, noise_line
+from motionctl.simulators.pty_device import PtyDeviceSim
 
 MAX_LINE_BYTES = 80
 SEQ_MODULO = 65536
 COMMANDS = ("ON", "OFF", "HB")
-READ_CHUNK_BYTES = 4096
 IDLE_WAIT_S = 1.0  # stop() wakes the thread through a pipe; this bound is only a backstop
-JOIN_TIMEOUT_S = 2.0
-FAULT_DELAY_S = 0.3
 SUPPORTED_FAULTS = ("disconnect", "freeze", "garbage", "delay")
 
 _HEX_UPPER = frozenset(b"0123456789ABCDEF")
@@ -135,10 +128,14 @@ class SentReply:
     fault: str | None = None  # the fault kinds that shaped it ("delay", "garbage+delay")
 
 
-class LinacGatingSim:
+class LinacGatingSim(PtyDeviceSim):
     """Simulated linac gating interface box on a pty."""
 
     supported_faults: tuple[str, ...] = SUPPORTED_FAULTS
+    _thread_suffix = "linac-sim"
+    _max_line_bytes = MAX_LINE_BYTES
+    _dropped_stat = "replies_dropped"
+    _dropped_log_level = logging.WARNING
 
     def __init__(
         self,
@@ -150,11 +147,9 @@ class LinacGatingSim:
     ) -> None:
         if watchdog_s <= 0:
             raise ValueError(f"watchdog_s must be positive, got {watchdog_s}")
+        super().__init__(clock=clock, name=name, fault_seed=fault_seed)
+        # _cond also guards the beam state, edges, stats and the ack switch.
         self._watchdog_s = watchdog_s
-        self._clock = clock
-        self._name = name
-        self._log = logging.getLogger(f"motionctl.sim.{name}")
-        self._cond = threading.Condition()  # guards the beam state, edges, stats, ack switch
         self._beam_on = False
         self._deadline = 0.0  # watchdog deadline; only meaningful while the beam is on
         self._edges: list[tuple[float, bool]] = []
@@ -166,82 +161,24 @@ class LinacGatingSim:
             "watchdog_trips": 0,
             "replies_dropped": 0,
         }
-        self.sent: list[SentReply] = []
-        self.fault_delay_s = FAULT_DELAY_S  # set it before the fault starts
-        self._faults: set[str] = set()
-        self._wire: WireQueue[SentReply] = WireQueue()  # t_sent filled in when written
-        self._link_epoch = 0  # +1 when the link goes or comes back: drop a half line
-        self._rng = random.Random(fault_seed)
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._path: str | None = None
-        self._thread: threading.Thread | None = None
-        self._started = False
-        self._error: BaseException | None = None
+        self.sent: list[SentReply] = []  # the wire queue holds them too, t_sent when made
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> str:
         """Open the pty, start the box thread; returns the device path for the host."""
-        if self._started:
-            raise RuntimeError("a LinacGatingSim starts once; make a new one")
-        master, slave = os.openpty()
-        fds = [master, slave]
-        try:
-            tty.setraw(slave)  # no echo, no line editing, no CR/LF translation
-            # Non-blocking, so a host that stops reading cannot wedge the box thread.
-            os.set_blocking(master, False)
-            path = os.ttyname(slave)
-            wake_r, wake_w = os.pipe()
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        # The slave stays open here for the box's lifetime: otherwise the master reads EIO
-        # whenever no host has the port open (between tests, across a driver reconnect).
-        self._master, self._slave = master, slave
-        self._wake_r, self._wake_w = wake_r, wake_w
-        self._path = path
-        self._started = True
-        self._thread = threading.Thread(
-            target=self._run, name=f"{self._name}-linac-sim", daemon=False
-        )
-        self._thread.start()
+        path = super().start()
         self._log.info("gating box on %s (watchdog %.0f ms)", path, self._watchdog_s * 1e3)
         return path
 
-    @property
-    def path(self) -> str:
-        if self._path is None:
-            raise RuntimeError("not started")
-        return self._path
+    def _on_thread_stopped(self) -> None:
+        with self._cond:
+            # A box that goes away takes the gate signal with it.
+            self._set_beam_locked(False, "simulator stopped")
 
-    def stop(self) -> None:
-        """Stop the box thread and close the pty. Idempotent.
-
-        Raises RuntimeError if the box thread failed while running.
-        """
-        thread = self._thread
-        if thread is not None:
-            os.write(self._wake_w, b"x")
-            thread.join(JOIN_TIMEOUT_S)
-            if thread.is_alive():
-                raise RuntimeError(f"{self._name}: simulator thread did not stop")
-            self._thread = None
-            with self._cond:
-                # A box that goes away takes the gate signal with it.
-                self._set_beam_locked(False, "simulator stopped")
-        with self._cond:  # a stop_fault() on another thread may be writing a backlog
-            for attr in ("_master", "_slave", "_wake_r", "_wake_w"):
-                fd = getattr(self, attr)
-                if fd is not None:
-                    setattr(self, attr, None)
-                    os.close(fd)
-        error, self._error = self._error, None
-        if error is not None:
-            raise RuntimeError(f"{self._name}: simulator thread failed") from error
+    def _on_thread_failed(self) -> None:
+        with self._cond:
+            self._set_beam_locked(False, "simulator failure")
 
     # -- observation and fault hooks ---------------------------------------------------
 
@@ -287,106 +224,26 @@ class LinacGatingSim:
         with self._cond:
             if self._master is None or "disconnect" in self._faults:
                 return False
-            try:
-                written = os.write(self._master, data)
-            except BlockingIOError:
-                written = 0
-            if written < len(data):
-                self._stats["replies_dropped"] += 1
+            if not self._write_locked(data, log_drop=False):
                 return False
         self._log.info("injected %r", data[:MAX_LINE_BYTES])
         return True
 
-    def active_faults(self) -> tuple[str, ...]:
-        with self._cond:
-            return tuple(k for k in SUPPORTED_FAULTS if k in self._faults)
-
-    def start_fault(self, kind: str) -> None:
-        """Start a fault (see the module docstring); thread-safe, idempotent."""
-        if kind not in self.supported_faults:
-            raise unsupported_fault(self._name, kind, self.supported_faults)
-        with self._cond:
-            if kind in self._faults:
-                return
-            self._faults.add(kind)
-            if kind == "disconnect":
-                self._link_epoch += 1
-                self._wire.clear()  # replies not yet written are lost with the link
-                self._set_beam_locked(False, "host link lost (fault: disconnect)")
-        self._log.info("fault %s started", kind)
-
-    def stop_fault(self, kind: str) -> None:
-        """End a fault; thread-safe, idempotent. When it returns, replies held back by
-        ``delay`` have been written."""
-        if kind not in self.supported_faults:
-            raise unsupported_fault(self._name, kind, self.supported_faults)
-        with self._cond:
-            if kind not in self._faults:
-                return
-            self._faults.discard(kind)
-            now = self._clock()
-            if kind == "disconnect":
-                self._link_epoch += 1
-            elif kind == "delay":
-                self._wire.release_all(now)
-                self._write_due_locked(now)
-        self._log.info("fault %s ended", kind)
+    def _on_disconnect_locked(self) -> None:
+        self._set_beam_locked(False, "host link lost (fault: disconnect)")
 
     # -- box thread --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except Exception as exc:
-            self._log.exception("simulator thread failed")
-            self._error = exc  # re-raised by stop(), so a test cannot miss it
-            with self._cond:
-                self._set_beam_locked(False, "simulator failure")
-
-    def _serve(self) -> None:
-        buffer = bytearray()
-        discarding = False  # inside an over-long line already NAKed
-        epoch = 0
-        while True:
-            readable, _, _ = select.select(
-                [self._master, self._wake_r], [], [], self._wait_timeout()
-            )
-            if self._wake_r in readable:
-                return
-            now = self._clock()
-            with self._cond:
-                # Before reading: a message that arrives after the deadline is too late.
-                self._check_watchdog_locked(now)
-                self._write_due_locked(now)
-            if self._master not in readable:
-                continue
-            try:
-                data = os.read(self._master, READ_CHUNK_BYTES)
-            except BlockingIOError:
-                continue  # select() said readable but the bytes are not there yet: wait again
-            with self._cond:
-                if epoch != self._link_epoch:
-                    epoch = self._link_epoch
-                    buffer.clear()  # the link went or came back inside a line
-                    discarding = False
-                if "disconnect" in self._faults:
-                    continue  # the cable is pulled: the host's bytes never arrive
-            buffer += data
-            while True:
-                end = buffer.find(b"\n")
-                if end < 0:
-                    if len(buffer) > MAX_LINE_BYTES:
-                        if not discarding:
-                            self._reply(self._handle_line(bytes(buffer), now))
-                            discarding = True
-                        buffer.clear()
-                    break
-                line = bytes(buffer[: end + 1])
-                del buffer[: end + 1]
-                if discarding:
-                    discarding = False
-                    continue
-                self._reply(self._handle_line(line, now))
+    def _on_wake(self, readable: bool) -> None:
+        now = self._clock()
+        with self._cond:
+            # Before reading: a message that arrives after the deadline is too late.
+            self._check_watchdog_locked(now)
+            self._write_due_locked(now)
+        if not readable:
+            return
+        for line in self._read_lines():
+            self._reply(self._handle_line(line, now))
 
     def _wait_timeout(self) -> float:
         with self._cond:
@@ -448,29 +305,10 @@ class LinacGatingSim:
                 return
             shaping = faults & {"garbage", "delay"}
             if "garbage" in faults:
-                reply = noise_line(self._rng, len(reply))
+                reply = noise_line(self._fault_rng, len(reply))
             now = self._clock()
-            self._wire.push(
-                SentReply(now, reply, fault_label(shaping)),
-                now,
-                delay_s=self.fault_delay_s if "delay" in faults else 0.0,
-            )
+            self._push_locked(SentReply(now, reply, fault_label(shaping)), now)
             self._write_due_locked(now)
 
-    def _write_due_locked(self, now: float) -> None:
-        # Written with the lock held (non-blocking writes), so that the end of a delay fault
-        # can flush the backlog from another thread without interleaving bytes.
-        for reply in self._wire.pop_due(now):
-            if self._master is None:
-                continue  # stopped: nothing to write to
-            t_sent = self._clock()
-            try:
-                written = os.write(self._master, reply.data)
-            except BlockingIOError:
-                written = 0
-            if written < len(reply.data):
-                # The pty buffer is full: no host is reading. A real box's UART drops too.
-                self._stats["replies_dropped"] += 1
-                self._log.warning("pty output full; dropped %r", reply.data[written:])
-                continue
-            self.sent.append(SentReply(t_sent, reply.data, reply.fault))
+    def _record_sent_locked(self, item: SentReply, t_sent: float) -> None:
+        self.sent.append(SentReply(t_sent, item.data, item.fault))

@@ -87,32 +87,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import re
-import select
-import threading
 import time
-import tty
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from motionctl.simulators.faults import (
-    FAULT_KINDS,
-    WireQueue,
-    fault_label,
-    noise_line,
-    unsupported_fault,
-)
+from motionctl.simulators.faults import FAULT_KINDS, fault_label, noise_line
+from motionctl.simulators.pty_device import PtyDeviceSim
 
 MAX_LINE_BYTES = 80
 SEQ_MODULO = 65536
 T_MS_MODULO = 2**32
 LEVEL_ML_RANGE = (0, 8000)
 COMMAND_FIELDS = {"VALVE": 3, "LEVEL": 3, "ZERO": 2}
-READ_CHUNK_BYTES = 4096
-JOIN_TIMEOUT_S = 2.0
-FAULT_DELAY_S = 0.3
 GARBAGE_BYTES = 40  # under MAX_LINE_BYTES: one noise line is one bad line at the host
 JUMP_ML = 3000
 CLOCK_SKEW_S = 2.0
@@ -327,7 +315,7 @@ class _Pending:
     garbage: bool
 
 
-class SpirometerSim:
+class SpirometerSim(PtyDeviceSim):
     """Simulated breath-hold spirometer on a pty, driven by ``patient.state(t)``.
 
     Patient time is ``clock() - t0``; ``t0`` defaults to the clock at ``start()`` (the rig
@@ -336,6 +324,10 @@ class SpirometerSim:
     """
 
     supported_faults: tuple[str, ...] = FAULT_KINDS
+    _thread_suffix = "spirometer-sim"
+    _max_line_bytes = MAX_LINE_BYTES
+    _dropped_stat = "dropped"
+    _dropped_log_level = logging.DEBUG
 
     def __init__(
         self,
@@ -361,15 +353,12 @@ class SpirometerSim:
             drift_ml_per_min=drift_ml_per_min,
             seed=seed,
         )
+        super().__init__(clock=clock, name=name, fault_seed=seed + 1)
         self._period_s = 1.0 / rate_hz
-        self._clock = clock
         self.t0 = t0
-        self._name = name
-        self._log = logging.getLogger(f"motionctl.sim.{name}")
-        # Guards the model, sent, stats, the injected bytes and the streaming switch; the box
-        # thread writes to the pty with it held (non-blocking writes), so a reading is in
-        # ``sent`` exactly when it is on the line.
-        self._cond = threading.Condition()
+        # _cond also guards the model, sent, stats, the injected bytes and the streaming
+        # switch; the device thread writes to the pty with it held (non-blocking writes), so
+        # a reading is in ``sent`` exactly when it is on the line.
         self.sent: list[SentReading] = []
         self._seq = 0
         self._streaming = True
@@ -383,86 +372,25 @@ class SpirometerSim:
             "garbage": 0,
             "lost_on_line": 0,
         }
-        # Fault parameters: set them before the fault starts.
-        self.fault_delay_s = FAULT_DELAY_S
+        # Fault parameters (and fault_delay_s): set them before the fault starts.
         self.garbage_bytes = GARBAGE_BYTES
         self.jump_ml = JUMP_ML
         self.clock_skew_s = CLOCK_SKEW_S
-        self._faults: set[str] = set()
-        self._wire: WireQueue[_Pending] = WireQueue()
-        self._line_epoch = 0  # +1 when the cable goes or comes back: drop a half line
-        self._fault_rng = random.Random(seed + 1)
         self._t_boot = 0.0
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._path: str | None = None
-        self._thread: threading.Thread | None = None
-        self._started = False
-        self._error: BaseException | None = None
+        self._next_tick = 0.0  # when the device thread makes the next reading
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> str:
         """Open the pty and start the device thread; returns the device path for the host."""
-        if self._started:
-            raise RuntimeError("a SpirometerSim starts once; make a new one")
-        master, slave = os.openpty()
-        fds = [master, slave]
-        try:
-            tty.setraw(slave)  # no echo, no line editing, no CR/LF translation
-            # Non-blocking, so that a host that stops reading cannot wedge the device thread.
-            os.set_blocking(master, False)
-            path = os.ttyname(slave)
-            wake_r, wake_w = os.pipe()
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        # The slave stays open for the device's lifetime: otherwise the master reads EIO
-        # whenever no host has the port open (between tests, across a driver reconnect).
-        self._master, self._slave = master, slave
-        self._wake_r, self._wake_w = wake_r, wake_w
-        self._path = path
-        self._started = True
-        self._t_boot = self._clock()
-        if self.t0 is None:
-            self.t0 = self._t_boot
-        self._thread = threading.Thread(
-            target=self._run, name=f"{self._name}-spirometer-sim", daemon=False
-        )
-        self._thread.start()
+        path = super().start()
         self._log.info("spirometer on %s at %.0f Hz", path, 1.0 / self._period_s)
         return path
 
-    @property
-    def path(self) -> str:
-        if self._path is None:
-            raise RuntimeError("not started")
-        return self._path
-
-    def stop(self) -> None:
-        """Stop the device thread and close the pty. Idempotent.
-
-        Raises RuntimeError if the device thread failed while running.
-        """
-        thread = self._thread
-        if thread is not None:
-            os.write(self._wake_w, b"x")
-            thread.join(JOIN_TIMEOUT_S)
-            if thread.is_alive():
-                raise RuntimeError(f"{self._name}: simulator thread did not stop")
-            self._thread = None
-        with self._cond:  # a stop_fault() on another thread may be writing a backlog
-            for attr in ("_master", "_slave", "_wake_r", "_wake_w"):
-                fd = getattr(self, attr)
-                if fd is not None:
-                    setattr(self, attr, None)
-                    os.close(fd)
-        error, self._error = self._error, None
-        if error is not None:
-            raise RuntimeError(f"{self._name}: simulator thread failed") from error
+    def _on_start(self) -> None:
+        self._t_boot = self._clock()
+        if self.t0 is None:
+            self.t0 = self._t_boot
 
     def __enter__(self) -> SpirometerSim:
         self.start()
@@ -499,104 +427,36 @@ class SpirometerSim:
         with self._cond:
             self._injected.append(bytes(data))
 
-    def active_faults(self) -> tuple[str, ...]:
-        with self._cond:
-            return tuple(k for k in FAULT_KINDS if k in self._faults)
-
-    def start_fault(self, kind: str) -> None:
-        """Start a fault (see the module docstring); thread-safe, idempotent."""
-        if kind not in self.supported_faults:
-            raise unsupported_fault(self._name, kind, self.supported_faults)
-        with self._cond:
-            if kind in self._faults:
-                return
-            self._faults.add(kind)
-            if kind == "disconnect":
-                self._line_epoch += 1
-                self._stats["lost_on_line"] += len(self._wire)
-                self._wire.clear()
-        self._log.info("fault %s started", kind)
-
-    def stop_fault(self, kind: str) -> None:
-        """End a fault; thread-safe, idempotent. When it returns, a backlog held by
-        ``delay`` or ``reorder`` has been written."""
-        if kind not in self.supported_faults:
-            raise unsupported_fault(self._name, kind, self.supported_faults)
-        with self._cond:
-            if kind not in self._faults:
-                return
-            self._faults.discard(kind)
-            now = self._clock()
-            if kind == "disconnect":
-                self._line_epoch += 1
-            elif kind == "reorder":
-                self._wire.release_held()
-            elif kind == "delay":
-                self._wire.release_all(now)
-            self._write_due_locked(now)
-        self._log.info("fault %s ended", kind)
+    def _on_disconnect_locked(self) -> None:
+        self._stats["lost_on_line"] += len(self._wire)
 
     # -- device thread -----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except Exception as exc:
-            self._log.exception("simulator thread failed")
-            self._error = exc  # re-raised by stop(), so that a test cannot miss it
-
     def _serve(self) -> None:
-        buffer = bytearray()
-        discarding = False  # inside an over-long line already NAKed
-        next_tick = self._clock()
-        epoch = 0
-        while True:
+        self._next_tick = self._clock()
+        super()._serve()
+
+    def _wait_timeout(self) -> float:
+        with self._cond:
+            wake_at = self._next_tick
+            due = self._wire.next_due()
+            if due is not None:
+                wake_at = min(wake_at, due)
+        return max(0.0, wake_at - self._clock())
+
+    def _on_wake(self, readable: bool) -> None:
+        if readable:
+            for line in self._read_lines():
+                self._handle_line(line)
+        now = self._clock()
+        if now >= self._next_tick:
+            self._tick(now)
+            self._next_tick += self._period_s
+            if self._next_tick < now:
+                self._next_tick = now + self._period_s  # fell behind (loaded machine): skip
+        else:
             with self._cond:
-                wake_at = next_tick
-                due = self._wire.next_due()
-                if due is not None:
-                    wake_at = min(wake_at, due)
-            timeout = max(0.0, wake_at - self._clock())
-            readable, _, _ = select.select([self._master, self._wake_r], [], [], timeout)
-            if self._wake_r in readable:
-                return
-            if self._master in readable:
-                try:
-                    data = os.read(self._master, READ_CHUNK_BYTES)
-                except BlockingIOError:
-                    data = b""  # select() said readable but the bytes are not there yet
-                with self._cond:
-                    if epoch != self._line_epoch:
-                        epoch = self._line_epoch
-                        buffer.clear()  # the cable went or came back inside a line
-                        discarding = False
-                    if "disconnect" in self._faults:
-                        data = b""  # the cable is pulled: the host's bytes go nowhere
-                buffer += data
-                while True:
-                    end = buffer.find(b"\n")
-                    if end < 0:
-                        if len(buffer) > MAX_LINE_BYTES:
-                            if not discarding:
-                                self._handle_line(bytes(buffer))
-                                discarding = True
-                            buffer.clear()
-                        break
-                    line = bytes(buffer[: end + 1])
-                    del buffer[: end + 1]
-                    if discarding:
-                        discarding = False
-                        continue
-                    self._handle_line(line)
-            now = self._clock()
-            if now >= next_tick:
-                self._tick(now)
-                next_tick += self._period_s
-                if next_tick < now:
-                    next_tick = now + self._period_s  # fell behind (loaded machine): skip
-            else:
-                with self._cond:
-                    self._write_due_locked(now)
+                self._write_due_locked(now)
 
     def _patient_t(self, now: float) -> float:
         return max(0.0, now - self.t0)
@@ -658,22 +518,12 @@ class SpirometerSim:
                 t_ms,
                 fault_label(shaping),
             )
-            self._wire.push(
-                _Pending(data, record, "garbage" in shaping),
-                now,
-                delay_s=self.fault_delay_s if "delay" in faults else 0.0,
-                reorder="reorder" in faults,
-            )
+            self._push_locked(_Pending(data, record, "garbage" in shaping), now)
             self._write_due_locked(now)
 
-    def _write_due_locked(self, now: float) -> None:
-        for pending in self._wire.pop_due(now):
-            if self._master is None:
-                continue  # stopped: nothing to write to
-            t_sent = self._clock()  # before the write: the host may act before it returns
-            if self._write_locked(pending.data):
-                self._stats["garbage" if pending.garbage else "readings"] += 1
-                self.sent.append(replace(pending.record, t_sent=t_sent))
+    def _record_sent_locked(self, item: _Pending, t_sent: float) -> None:
+        self._stats["garbage" if item.garbage else "readings"] += 1
+        self.sent.append(replace(item.record, t_sent=t_sent))
 
     def _handle_line(self, line: bytes) -> None:
         now = self._clock()
@@ -709,15 +559,3 @@ class SpirometerSim:
             self._log.info("status %s,%s", event, arg)
             if self._write_locked(_frame(f"STS,{t_ms},{event},{arg}")):
                 self._stats["status"] += 1
-
-    def _write_locked(self, data: bytes) -> bool:
-        try:
-            written = os.write(self._master, data)
-        except BlockingIOError:
-            written = 0
-        if written < len(data):
-            # The pty buffer is full: no host is reading. A real device's UART drops too.
-            self._stats["dropped"] += 1
-            self._log.debug("pty output full; dropped %r", data[written:])
-            return False
-        return True
