@@ -52,21 +52,33 @@ Accepted images reach the sink as ``XrayFrame``: ``t_device`` = ``t_acquisition`
 
 from __future__ import annotations
 
-import logging
 import math
-import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
-from pyigtl.messages import CRC64, ImageMessage, MessageBase
+from pyigtl.messages import CRC64, ImageMessage
 
+from motionctl.drivers import igtl_client
+from motionctl.drivers.igtl_client import (
+    HEADER_SIZE,
+    FramingError,
+    IgtlClientDriver,
+    MalformedMessage,
+)
 from motionctl.types import DeviceEvent, ProjectionGeometry, XrayFrame
 
-HEADER_SIZE = MessageBase.IGTL_HEADER_SIZE
-_HEADER = struct.Struct("> H 12s 20s I I Q Q")
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_BODY_BYTES",
+    "FramingError",
+    "MalformedMessage",
+    "XrayImageDriver",
+    "parse_header",
+    "parse_image",
+]
+
 _EXTENDED_HEADER = struct.Struct("> H H I I")
 MAX_BODY_BYTES = 64 << 20  # 4096 x 4096 x 16 bit fits; beyond, the framing is lost
 PITCH_RANGE_MM = (0.05, 2.0)
@@ -76,35 +88,9 @@ REQUIRED_METADATA = ("source_mm", "frame_id", "t_acquisition", "exposure_s")
 Sink = Callable[[XrayFrame | DeviceEvent], None]
 
 
-class FramingError(Exception):
-    """The byte stream can no longer be split into messages."""
-
-
-class MalformedMessage(Exception):
-    """One message is unusable; the stream is still in step."""
-
-
 def parse_header(header: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[dict, int]:
     """pyigtl's header fields (validated) and the body CRC; raises FramingError."""
-    version, mtype, dname, seconds, frac, body_size, crc = _HEADER.unpack(header)
-    if version not in (1, 2):
-        raise FramingError(f"unknown header version {version}")
-    try:
-        message_type = mtype.rstrip(b"\0").decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise FramingError(f"non-ASCII message type {mtype!r}") from exc
-    if not message_type.isprintable() or not message_type:
-        raise FramingError(f"unprintable message type {mtype!r}")
-    if body_size > max_body_bytes:
-        raise FramingError(f"body size {body_size} exceeds {max_body_bytes}")
-    fields = {
-        "header_version": version,
-        "message_type": message_type,
-        "device_name": dname.rstrip(b"\0").decode("ascii", errors="replace"),
-        "timestamp": seconds + frac / 2**32,
-        "body_size": body_size,
-    }
-    return fields, crc
+    return igtl_client.parse_header(header, max_body_bytes)
 
 
 def _vector(text: str, key: str) -> tuple[float, float, float]:
@@ -228,8 +214,10 @@ def parse_image(
     return frame_id, t_acquisition, exposure_s, image, geometry
 
 
-class XrayImageDriver:
+class XrayImageDriver(IgtlClientDriver):
     """OpenIGTLink client with its own reader thread; pushes frames and events to ``sink``."""
+
+    _frame_counter = "frames"
 
     def __init__(
         self,
@@ -245,140 +233,40 @@ class XrayImageDriver:
         max_future_s: float = 1.0,
         max_body_bytes: int = MAX_BODY_BYTES,
     ):
-        self.name = name
-        self._address = (host, port)
-        self._sink = sink
-        self._clock = clock
+        super().__init__(
+            host,
+            port,
+            sink,
+            name=name,
+            clock=clock,
+            reconnect_max_s=reconnect_max_s,
+            max_body_bytes=max_body_bytes,
+        )
         self._wall_clock = wall_clock
-        self._reconnect_max_s = reconnect_max_s
         self._expected_size = tuple(expected_size) if expected_size is not None else None
         self._max_future_s = max_future_s
-        self._max_body_bytes = max_body_bytes
-        self._log = logging.getLogger(f"motionctl.driver.{name}")
-        self._stop = threading.Event()
-        self._sock: socket.socket | None = None
-        self._sock_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self.connected = False
-        self.counts = {"frames": 0, "malformed": 0, "ignored": 0, "connects": 0}
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"{self.name}-reader")
-        self._thread.start()
+    def _accepts(self, fields: dict) -> bool:
+        return fields["message_type"] == "IMAGE"
 
-    def stop(self) -> None:
-        """Stop the reader thread and close the connection; idempotent, never blocks long."""
-        self._stop.set()
-        with self._sock_lock:
-            if self._sock is not None:
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # already disconnected: nothing to unblock
-        if self._thread is not None:
-            self._thread.join(timeout=3.0)
-            self._thread = None
+    def _parse_message(self, fields: dict, body: bytes, crc: int, t_rx: float) -> XrayFrame:
+        frame_id, t_acq, exposure_s, image, geometry = parse_image(
+            fields,
+            body,
+            crc,
+            wall_now=self._wall_clock(),
+            expected_size=self._expected_size,
+            max_future_s=self._max_future_s,
+        )
+        return XrayFrame(
+            device=self.name,
+            frame_id=frame_id,
+            t_device=t_acq,
+            t_rx=t_rx,
+            image=image,
+            geometry=geometry,
+            exposure_s=exposure_s,
+        )
 
-    def _emit_event(self, kind: str, detail: str = "") -> None:
-        if kind == "malformed":
-            self.counts["malformed"] += 1
-            self._log.warning("malformed message: %s", detail)
-        else:
-            self._log.info("%s %s", kind, detail)
-        self._sink(DeviceEvent(self.name, self._clock(), kind, detail))
-
-    def _run(self) -> None:
-        backoff = 0.05
-        while not self._stop.is_set():
-            try:
-                sock = socket.create_connection(self._address, timeout=1.0)
-            except OSError as exc:
-                # Back-off between attempts; waiting on the stop event keeps stop() prompt.
-                self._log.debug("connect to %s:%d failed: %s", *self._address, exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._reconnect_max_s)
-                continue
-            sock.settimeout(None)  # the reader blocks; stop() shuts the socket down
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._sock_lock:
-                if self._stop.is_set():
-                    sock.close()
-                    break
-                self._sock = sock
-            backoff = 0.05
-            self.connected = True
-            self.counts["connects"] += 1
-            self._emit_event("connected", f"{self._address[0]}:{self._address[1]}")
-            try:
-                reason = self._read_stream(sock)
-            except OSError as exc:
-                reason = f"socket error: {exc}"
-            except Exception as exc:  # noqa: BLE001 - a reader thread must never die silently
-                self._log.exception("reader failed")
-                reason = f"reader failed: {exc!r}"
-            self.connected = False
-            with self._sock_lock:
-                self._sock = None
-            sock.close()
-            if not self._stop.is_set():
-                self._emit_event("disconnected", reason)
-
-    @staticmethod
-    def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        while got < size:
-            n = sock.recv_into(view[got:], size - got)
-            if n == 0:
-                return None
-            got += n
-        return bytes(buf)
-
-    def _read_stream(self, sock: socket.socket) -> str:
-        while not self._stop.is_set():
-            header = self._recv_exact(sock, HEADER_SIZE)
-            if header is None:
-                return "connection closed by peer"
-            t_rx = self._clock()
-            try:
-                fields, crc = parse_header(header, self._max_body_bytes)
-            except FramingError as exc:
-                self._emit_event("malformed", f"header ({HEADER_SIZE} bytes): {exc}")
-                return f"framing lost: {exc}"
-            mtype, body_size = fields["message_type"], fields["body_size"]
-            body = self._recv_exact(sock, body_size)
-            if body is None:
-                return "connection closed inside a message"
-            if mtype != "IMAGE":
-                self.counts["ignored"] += 1
-                continue
-            try:
-                frame_id, t_acq, exposure_s, image, geometry = parse_image(
-                    fields,
-                    body,
-                    crc,
-                    wall_now=self._wall_clock(),
-                    expected_size=self._expected_size,
-                    max_future_s=self._max_future_s,
-                )
-            except MalformedMessage as exc:
-                self._emit_event(
-                    "malformed",
-                    f"IMAGE from {fields['device_name']!r} ({body_size} byte body): {exc}",
-                )
-                continue
-            self.counts["frames"] += 1
-            self._sink(
-                XrayFrame(
-                    device=self.name,
-                    frame_id=frame_id,
-                    t_device=t_acq,
-                    t_rx=t_rx,
-                    image=image,
-                    geometry=geometry,
-                    exposure_s=exposure_s,
-                )
-            )
-        return "stopped"
+    def _message_label(self, fields: dict) -> str:
+        return f"IMAGE from {fields['device_name']!r}"
