@@ -58,64 +58,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from motionctl.simulators.faults import fault_label, noise_line
-from motionctl.simulators.pty_device import PtyDeviceSim
+from motionctl.simulators.pty_device import PtyDeviceSim, Rejected, frame, parse_host_line
 
 MAX_LINE_BYTES = 80
-SEQ_MODULO = 65536
 COMMANDS = ("ON", "OFF", "HB")
 IDLE_WAIT_S = 1.0  # stop() wakes the thread through a pipe; this bound is only a backstop
 SUPPORTED_FAULTS = ("disconnect", "freeze", "garbage", "delay")
 
-_HEX_UPPER = frozenset(b"0123456789ABCDEF")
-
-
-def _checksum(body: bytes) -> int:
-    # Deliberately a copy of the driver's: a box has its own firmware.
-    value = 0
-    for byte in body:
-        value ^= byte
-    return value
-
-
-def _frame(body: str) -> bytes:
-    raw = body.encode("ascii")
-    return b"$%s*%02X\n" % (raw, _checksum(raw))
-
-
-class _Rejected(Exception):
-    """A line the box NAKs; ``reason`` is the NAK's reason token."""
-
-    def __init__(self, reason: str, seq: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.seq = seq
-
 
 def _parse_command(line: bytes) -> tuple[str, int]:
-    """Return (command, seq) of a host line, or raise _Rejected with the NAK reason."""
-    if len(line) > MAX_LINE_BYTES:
-        raise _Rejected("too_long")
-    if any(byte > 0x7F for byte in line):
-        raise _Rejected("non_ascii")
-    text = line[:-1] if line.endswith(b"\n") else line
-    star = text.rfind(b"*")
-    if not text.startswith(b"$") or star < 0:
-        raise _Rejected("syntax")
-    body, cs_field = text[1:star], text[star + 1 :]
-    if len(cs_field) != 2 or not all(byte in _HEX_UPPER for byte in cs_field):
-        raise _Rejected("syntax")
-    if any(byte < 0x20 or byte == 0x7F or byte in b"$*" for byte in body):
-        raise _Rejected("syntax")
-    if int(cs_field, 16) != _checksum(body):
-        raise _Rejected("checksum")
-    fields = body.decode("ascii").split(",")
-    seq = None
-    if len(fields) >= 2 and fields[1].isdigit() and len(fields[1]) <= 5:
-        seq = int(fields[1]) if int(fields[1]) < SEQ_MODULO else None
+    """Return (command, seq) of a host line, or raise Rejected with the NAK reason."""
+    fields, seq = parse_host_line(line, MAX_LINE_BYTES)
     if fields[0] not in COMMANDS:
-        raise _Rejected("unknown_command", seq)
+        raise Rejected("unknown_command", seq)
     if len(fields) != 2 or seq is None:
-        raise _Rejected("syntax", seq)
+        raise Rejected("syntax", seq)
     return fields[0], seq
 
 
@@ -269,13 +226,13 @@ class LinacGatingSim(PtyDeviceSim):
                 return None  # read before the link went, but it never arrived
         try:
             command, seq = _parse_command(line)
-        except _Rejected as rejected:
+        except Rejected as rejected:
             with self._cond:
                 self._stats["malformed"] += 1
                 self._set_beam_locked(False, f"rejected line ({rejected.reason})")
             self._log.warning("NAK %s: %r", rejected.reason, line[:MAX_LINE_BYTES])
             seq_field = "-" if rejected.seq is None else str(rejected.seq)
-            return _frame(f"NAK,{seq_field},{rejected.reason}")
+            return frame(f"NAK,{seq_field},{rejected.reason}")
         with self._cond:
             self._deadline = now + self._watchdog_s
             if command == "HB":
@@ -285,7 +242,7 @@ class LinacGatingSim(PtyDeviceSim):
                 self._set_beam_locked(command == "ON", f"{command},{seq}")
             state = "ON" if self._beam_on else "OFF"
         self._log.debug("%s,%d -> %s", command, seq, state)
-        return _frame(f"ACK,{seq},{state}")
+        return frame(f"ACK,{seq},{state}")
 
     def _set_beam_locked(self, beam_on: bool, why: str) -> None:
         if beam_on == self._beam_on:

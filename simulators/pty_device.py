@@ -31,6 +31,12 @@ makes ``_stats``; implements ``_wait_timeout()``, ``_on_wake(readable)`` and
 the bytes to write); and may hook ``_on_start()``, ``_on_thread_stopped()``,
 ``_on_thread_failed()`` and ``_on_disconnect_locked()``.
 
+Both devices frame their lines the same way, NMEA style: ``$BODY*CS`` + newline, CS the XOR
+of the body's bytes in two upper-case hex digits (``frame``); ``parse_host_line`` checks a
+host line's framing and returns its fields and sequence number, or raises ``Rejected`` with
+the NAK reason. The checksum is deliberately a copy of the drivers' (a device has its own
+firmware): a driver bug must not be mirrored by its simulator.
+
 What it does not model: the serial line itself (a pty delivers bytes at once, whatever the
 baud rate), modem control and flow control lines, and more than one host.
 """
@@ -47,6 +53,58 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from motionctl.simulators.faults import FAULT_KINDS, WireQueue, unsupported_fault
+
+SEQ_MODULO = 65536
+_HEX_UPPER = frozenset(b"0123456789ABCDEF")
+
+
+def checksum(body: bytes) -> int:
+    value = 0
+    for byte in body:
+        value ^= byte
+    return value
+
+
+def frame(body: str) -> bytes:
+    """A device line: ``$body*CS`` and a newline."""
+    raw = body.encode("ascii")
+    return b"$%s*%02X\n" % (raw, checksum(raw))
+
+
+class Rejected(Exception):
+    """A host line the device NAKs; ``reason`` is the NAK's reason token."""
+
+    def __init__(self, reason: str, seq: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.seq = seq
+
+
+def parse_host_line(line: bytes, max_bytes: int) -> tuple[list[str], int | None]:
+    """The fields of a host line and its sequence number (the second field; None when it
+    is not one), or raise ``Rejected`` for a line whose framing fails: too long, non-ASCII,
+    syntax, checksum."""
+    if len(line) > max_bytes:
+        raise Rejected("too_long")
+    if any(byte > 0x7F for byte in line):
+        raise Rejected("non_ascii")
+    text = line[:-1] if line.endswith(b"\n") else line
+    star = text.rfind(b"*")
+    if not text.startswith(b"$") or star < 0:
+        raise Rejected("syntax")
+    body, cs_field = text[1:star], text[star + 1 :]
+    if len(cs_field) != 2 or not all(byte in _HEX_UPPER for byte in cs_field):
+        raise Rejected("syntax")
+    if any(byte < 0x20 or byte == 0x7F or byte in b"$*" for byte in body):
+        raise Rejected("syntax")
+    if int(cs_field, 16) != checksum(body):
+        raise Rejected("checksum")
+    fields = body.decode("ascii").split(",")
+    seq = None
+    if len(fields) >= 2 and fields[1].isdigit() and len(fields[1]) <= 5:
+        seq = int(fields[1]) if int(fields[1]) < SEQ_MODULO else None
+    return fields, seq
+
 
 __all__ = ["FAULT_DELAY_S", "PtyDeviceSim"]
 

@@ -94,10 +94,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from motionctl.simulators.faults import FAULT_KINDS, fault_label, noise_line
-from motionctl.simulators.pty_device import PtyDeviceSim
+from motionctl.simulators.pty_device import (
+    SEQ_MODULO,
+    PtyDeviceSim,
+    Rejected,
+    frame,
+    parse_host_line,
+)
 
 MAX_LINE_BYTES = 80
-SEQ_MODULO = 65536
 T_MS_MODULO = 2**32
 LEVEL_ML_RANGE = (0, 8000)
 COMMAND_FIELDS = {"VALVE": 3, "LEVEL": 3, "ZERO": 2}
@@ -106,65 +111,24 @@ JUMP_ML = 3000
 CLOCK_SKEW_S = 2.0
 _TRANSPORT_KINDS = frozenset({"delay", "reorder"})
 
-_HEX_UPPER = frozenset(b"0123456789ABCDEF")
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,9})")
 
 
-def _checksum(body: bytes) -> int:
-    # Deliberately a copy of the driver's: a device has its own firmware.
-    value = 0
-    for byte in body:
-        value ^= byte
-    return value
-
-
-def _frame(body: str) -> bytes:
-    raw = body.encode("ascii")
-    return b"$%s*%02X\n" % (raw, _checksum(raw))
-
-
-class _Rejected(Exception):
-    """A host line the device NAKs; ``reason`` is the NAK's reason token."""
-
-    def __init__(self, reason: str, seq: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.seq = seq
-
-
 def _parse_command(line: bytes) -> tuple[str, int, str | None]:
-    """(command, seq, argument) of a host line, or raise _Rejected with the NAK reason."""
-    if len(line) > MAX_LINE_BYTES:
-        raise _Rejected("too_long")
-    if any(byte > 0x7F for byte in line):
-        raise _Rejected("non_ascii")
-    text = line[:-1] if line.endswith(b"\n") else line
-    star = text.rfind(b"*")
-    if not text.startswith(b"$") or star < 0:
-        raise _Rejected("syntax")
-    body, cs_field = text[1:star], text[star + 1 :]
-    if len(cs_field) != 2 or not all(byte in _HEX_UPPER for byte in cs_field):
-        raise _Rejected("syntax")
-    if any(byte < 0x20 or byte == 0x7F or byte in b"$*" for byte in body):
-        raise _Rejected("syntax")
-    if int(cs_field, 16) != _checksum(body):
-        raise _Rejected("checksum")
-    fields = body.decode("ascii").split(",")
-    seq = None
-    if len(fields) >= 2 and fields[1].isdigit() and len(fields[1]) <= 5:
-        seq = int(fields[1]) if int(fields[1]) < SEQ_MODULO else None
+    """(command, seq, argument) of a host line, or raise Rejected with the NAK reason."""
+    fields, seq = parse_host_line(line, MAX_LINE_BYTES)
     command = fields[0]
     if command not in COMMAND_FIELDS:
-        raise _Rejected("unknown_command", seq)
+        raise Rejected("unknown_command", seq)
     if len(fields) != COMMAND_FIELDS[command] or seq is None:
-        raise _Rejected("syntax", seq)
+        raise Rejected("syntax", seq)
     if command == "VALVE" and fields[2] not in ("C", "O"):
-        raise _Rejected("syntax", seq)
+        raise Rejected("syntax", seq)
     if command == "LEVEL":
         if not _INTEGER.fullmatch(fields[2]):
-            raise _Rejected("syntax", seq)
+            raise Rejected("syntax", seq)
         if not LEVEL_ML_RANGE[0] <= int(fields[2]) <= LEVEL_ML_RANGE[1]:
-            raise _Rejected("range", seq)
+            raise Rejected("range", seq)
     return command, seq, fields[2] if len(fields) == 3 else None
 
 
@@ -295,9 +259,9 @@ class BreathHoldModel:
         return [("LEVEL", str(level_ml))]
 
     def zero(self, t: float) -> list[tuple[str, str]]:
-        """Make the current reading zero; raises _Rejected while the valve is closed."""
+        """Make the current reading zero; raises Rejected while the valve is closed."""
         if self.valve_closed:
-            raise _Rejected("valve_closed")
+            raise Rejected("valve_closed")
         reading = self._effort_ml(t)[0]
         self._offset_ml -= reading
         if self._previous is not None:
@@ -496,13 +460,13 @@ class SpirometerSim(PtyDeviceSim):
                 data = noise_line(self._fault_rng, self.garbage_bytes)
                 shaping.add("garbage")
             elif "nan" in faults:
-                data = _frame(
+                data = frame(
                     f"SPV,{seq},{t_ms},nan,nan,{'C' if m.valve_closed else 'O'},{m.level_ml}"
                 )
                 volume_ml = flow_ml_s = None
                 shaping |= faults & {"nan", "clock-skew"}
             else:
-                data = _frame(
+                data = frame(
                     f"SPV,{seq},{t_ms},{volume_ml},{flow_ml_s},"
                     f"{'C' if m.valve_closed else 'O'},{m.level_ml}"
                 )
@@ -540,22 +504,22 @@ class SpirometerSim(PtyDeviceSim):
                 else:
                     try:
                         changes = self.model.zero(patient_t)
-                    except _Rejected as rejected:
+                    except Rejected as rejected:
                         rejected.seq = seq
                         raise
-            except _Rejected as rejected:
+            except Rejected as rejected:
                 self._stats["rejected"] += 1
                 seq_field = "-" if rejected.seq is None else str(rejected.seq)
                 self._log.warning("NAK %s: %r", rejected.reason, line[:MAX_LINE_BYTES])
-                self._write_locked(_frame(f"NAK,{seq_field},{rejected.reason}"))
+                self._write_locked(frame(f"NAK,{seq_field},{rejected.reason}"))
                 return
             self._stats["commands"] += 1
             self._log.info("%s,%d%s", command, seq, "" if arg is None else f",{arg}")
-            self._write_locked(_frame(f"ACK,{seq},{command}"))
+            self._write_locked(frame(f"ACK,{seq},{command}"))
             self._write_status_locked(self._t_ms_locked(now), changes)
 
     def _write_status_locked(self, t_ms: int, changes: list[tuple[str, str]]) -> None:
         for event, arg in changes:
             self._log.info("status %s,%s", event, arg)
-            if self._write_locked(_frame(f"STS,{t_ms},{event},{arg}")):
+            if self._write_locked(frame(f"STS,{t_ms},{event},{arg}")):
                 self._stats["status"] += 1
