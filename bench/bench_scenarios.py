@@ -150,6 +150,10 @@ class Conf:
             debounce_samples=self.debounce,
             dwell_mm=self.dwell_mm,
             dwell_s=self.dwell_s,
+            # Scenarios last seconds, less than the predictor's learning (~14 s): gate from
+            # the start so that the predicted modes reach beam-on at all. The learning hold
+            # only adds holds (test_core.py::test_the_gate_holds_while_the_predictor_learns).
+            hold_while_prediction_learns=False,
         )
         cfg["tracking"]["surrogate_rate_hz"] = self.rate_hz
         cfg["devices"][SUR]["stale_timeout_s"] = round(2.25 / self.rate_hz, 4)

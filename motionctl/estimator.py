@@ -186,6 +186,7 @@ class MotionEstimator:
             predicted_phase=(state.phase + self.s.horizon_s / state.period_s) % 1.0
             if state.period_s > 0
             else math.nan,
+            prediction_ready=self.predictor.ready,
         )
 
     @property

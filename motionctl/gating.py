@@ -12,6 +12,12 @@ Gating modes (``GateSettings.mode``):
   axis) within a tolerance of the reference the operator captured at the start of the
   hold, and stable there for ``min_stable_s`` before the beam may come on.
 
+Where the gate uses the predicted position (amplitude with ``source = "predicted"``,
+breath-hold on position) it holds with ``prediction_learning`` while the predictor is still
+learning the breathing (after the start, a gap or a reset): its output is then the current
+position, a system latency late, and a beam gated on it would lag every window edge
+(``hold_while_prediction_learns = false`` gates on it all the same).
+
 The beam is enabled only while the operator has enabled it, no interlock is active, and
 the window condition holds. Debounce is asymmetric: the beam goes off at once, and on only
 after ``debounce_samples`` consecutive samples in the window. The transitions are the
@@ -66,6 +72,7 @@ class GateSettings:
     breath_hold_tolerance_mm: float = 2.0
     min_stable_s: float = 1.0
     debounce_samples: int = 1
+    hold_while_prediction_learns: bool = True
     dwell_mm: float = 0.0  # 0 = dwell rule off
     dwell_s: float = 5.0
 
@@ -154,17 +161,27 @@ class Gate:
                 return "phase_unknown"
             inside = start <= phase < end if start <= end else (phase >= start or phase < end)
             return None if inside else "outside_phase_window"
-        value = (
-            est.surrogate_mm
-            if self.settings.source == "surrogate"
-            else (est.predicted_mm[self._axis])
-        )
+        if self.settings.source == "surrogate":
+            value = est.surrogate_mm
+        elif not est.prediction_ready and self.settings.hold_while_prediction_learns:
+            return "prediction_learning"
+        else:
+            value = est.predicted_mm[self._axis]
         return None if self.inside(value) else "outside_window"
 
     def _breath_hold_reason(self, t: float, inputs: GateInputs) -> str | None:
         if self.reference is None:
             return "no_breath_hold_reference"
         level = self.breath_hold_level(inputs)
+        est = inputs.estimate
+        if (
+            self.settings.breath_hold_signal == "position"
+            and self.settings.hold_while_prediction_learns
+            and est is not None
+            and not est.prediction_ready
+        ):
+            self._stable_since = None
+            return "prediction_learning"
         if not math.isfinite(level):
             self._stable_since = None  # an unknown level is not a stable one
             return "breath_hold_level_unknown"

@@ -92,6 +92,11 @@ class Predictor(Protocol):
         """True if the state is non-finite or the recent error exploded (until reset)."""
         ...
 
+    @property
+    def ready(self) -> bool:
+        """True once the prediction is a forecast, not just the current value."""
+        ...
+
 
 # Inputs beyond this magnitude (mm) are not breathing: the predictor latches ``diverged``
 # instead of letting the value overflow its running sums.
@@ -518,8 +523,9 @@ class _FeaturePredictor:
 
     @property
     def ready(self) -> bool:
-        """True once predictions come from the learned model (not the current value)."""
-        return not self._bad and self._ticks >= self._min_ticks
+        """True once predictions come from the learned model (not the current value); at
+        horizon 0 the current value is the prediction."""
+        return not self._bad and (self.H == 0 or self._ticks >= self._min_ticks)
 
     def step(self, value: float) -> float:
         v = float(value)

@@ -49,6 +49,7 @@ def gate_settings(cfg: dict[str, Any]) -> GateSettings:
         breath_hold_tolerance_mm=g["breath_hold_tolerance_mm"],
         min_stable_s=g["min_stable_s"],
         debounce_samples=g["debounce_samples"],
+        hold_while_prediction_learns=g["hold_while_prediction_learns"],
         dwell_mm=g["dwell_mm"],
         dwell_s=g["dwell_s"],
     )

@@ -29,6 +29,7 @@ def synthetic_log(path: Path, seconds: float, seed: int) -> Path:
             f"patient.seed={seed}",
             "patient.drift_mm_per_min=[0.0, 0.0, 0.0]",
             "devices.xray.enabled=false",  # surrogate only
+            "gating.hold_while_prediction_learns=false",  # seconds long: gate from the start
         ],
     )
     patient = patient_from_config(cfg["patient"])

@@ -234,6 +234,9 @@ DEVICE_OFFSET_S = 100.0  # the tracker's clock - ours
 def _core(**gating):
     cfg = load_config()
     cfg["devices"]["xray"]["stale_timeout_s"] = 0.0  # these sessions image only when told
+    # These sessions are seconds long: gate from the first sample rather than after the
+    # predictor has learnt (test_the_gate_holds_while_the_predictor_learns covers that).
+    cfg["gating"]["hold_while_prediction_learns"] = False
     cfg["gating"].update(gating)
     core = SessionCore(cfg, lambda table, row: None, stale_timeout_s=stale_timeouts(cfg))
     core.on_command(0.0, OperatorCommand("enable"))
@@ -257,6 +260,36 @@ def _image(core, frame, t_acq, t_rx, si):
         )
     )
     return core.decide(t_rx, False)
+
+
+def _breathe(core, t0, seconds, i0=0):
+    """Breathing on the surface (AP 0.2-0.8 mm, 4 s period: the prior keeps the target
+    inside the default window) at 30 Hz; the decisions."""
+    out = []
+    for k in range(round(seconds * 30)):
+        t = t0 + k / 30
+        ap = 0.5 + 0.3 * math.sin(2 * math.pi * t / 4.0)
+        out.append((t, _sample(core, i0 + k, t, ap=ap)))
+    return out
+
+
+def test_the_gate_holds_while_the_predictor_learns():
+    core = _core(debounce_samples=1, hold_while_prediction_learns=True)
+    decisions = _breathe(core, 0.0, 25.0)
+    first_on = next(t for t, d in decisions if d.beam_enabled)
+    # the default predictor: a 4 s delay vector, then 10 s of learning
+    assert 12.0 < first_on < 16.0
+    assert all(d.reasons == ("prediction_learning",) for t, d in decisions if t < first_on)
+    assert all(d.beam_enabled for t, d in decisions if t >= first_on)
+    assert core.status.estimate.prediction_ready
+    # a gap in the surrogate restarts the predictor: the gate holds until it has learnt again
+    after_gap = _breathe(core, 26.0, 3.0, i0=len(decisions))
+    assert not core.status.estimate.prediction_ready
+    assert after_gap[-1][1].reasons == ("prediction_learning",)
+    # ... and gates on the current position meanwhile only when told to
+    core = _core(debounce_samples=1, hold_while_prediction_learns=False)
+    decisions = _breathe(core, 0.0, 3.0)
+    assert decisions[-1][1].beam_enabled and not core.status.estimate.prediction_ready
 
 
 def test_the_beam_holds_at_the_stale_deadline_the_core_asks_for():

@@ -44,6 +44,7 @@ def matrix(tmp_path_factory):
         "devices.surface.stale_timeout_s=0.045",
         # no X-ray model: a jump of the surrogate would (rightly) invalidate it for good
         "devices.xray.enabled=false",
+        "gating.hold_while_prediction_learns=false",
         # a window wide enough that only the faults can hold the beam
         "gating.center_mm=-6",
         "gating.window_mm=20",

@@ -44,7 +44,12 @@ class Session(RigSession):
     to target, so the tests know where the target is), plus what they read back."""
 
     def __init__(self, tmp_path, *overrides: str):
-        super().__init__(tmp_path, "devices.xray.enabled=false", *overrides)
+        super().__init__(
+            tmp_path,
+            "devices.xray.enabled=false",
+            "gating.hold_while_prediction_learns=false",
+            *overrides,
+        )
 
     def operator_events(self, kind: str) -> list[dict]:
         """The operator's ``kind`` events committed to the session log so far."""
@@ -411,6 +416,8 @@ def test_sim_cli_saves_a_console_screenshot_without_a_display(tmp_path):
             "devices.xray.port=0",
             "--set",
             "session.operator_enable_after_s=0.5",
+            "--set",
+            "gating.hold_while_prediction_learns=false",
         ],
         capture_output=True,
         text=True,

@@ -21,7 +21,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATIENT_ID = "PX-93571-ZZ"
 STUDY_DATE = "08-30-2007"
 RATE = 30
-N = 450  # 15 s
+N = 1200  # 40 s: the predictor learns (~15 s) after the gaps, so the what-if gates
 INVALID = {range(100, 106): -1, range(250, 253): -2}  # lost track, non-periodic
 
 

@@ -30,7 +30,12 @@ HOLD_WITHIN_S = 0.050
 BEAM_ON_TIMEOUT_S = 10.0
 # Amplitude gating with a window wide enough that only the fault can hold the beam, and no
 # X-ray model (as in test_fault_matrix.py).
-WIDE_OPEN = ("devices.xray.enabled=false", "gating.center_mm=-6", "gating.window_mm=20")
+WIDE_OPEN = (
+    "devices.xray.enabled=false",
+    "gating.center_mm=-6",
+    "gating.window_mm=20",
+    "gating.hold_while_prediction_learns=false",
+)
 
 
 def _beam_on(s, timeout: float = BEAM_ON_TIMEOUT_S, enable: bool = True) -> None:
@@ -244,6 +249,7 @@ def test_a_spirometer_volume_outside_its_range_holds_within_50_ms(session, reque
     holds the beam, is counted per device and logged with the reason."""
     s = session(
         "devices.xray.enabled=false",
+        "gating.hold_while_prediction_learns=false",
         "gating.mode=breath_hold",
         "gating.breath_hold_signal=volume",
         "patient.breath_hold_per_min=60",

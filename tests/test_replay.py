@@ -28,7 +28,14 @@ def _record_session(path) -> None:
     """~6.5 s of breathing through the real rig: prediction on (the default), the default
     amplitude window (holds outside it), an operator hold and release, a refused
     acknowledgement and a window change mid-session."""
-    cfg = load_config(None, ["devices.surface.port=0", "devices.xray.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            "devices.surface.port=0",
+            "devices.xray.enabled=false",
+            "gating.hold_while_prediction_learns=false",
+        ],
+    )
     rig = Rig(cfg)
     rig.start()
     writer = SessionLogWriter(path, cfg, t0=time.monotonic())
@@ -185,7 +192,9 @@ def test_an_unknown_override_key_is_refused_naming_it(recorded):
 def test_a_log_without_decisions_replays_as_a_what_if(tmp_path):
     # an imported recording: surrogate samples only (and no imaging, as the importers say)
     path = tmp_path / "imported.sqlite"
-    cfg = load_config(None, ["devices.xray.enabled=false"])
+    cfg = load_config(
+        None, ["devices.xray.enabled=false", "gating.hold_while_prediction_learns=false"]
+    )
     patient = patient_from_config(cfg["patient"])
     writer = SessionLogWriter(path, cfg, t0=0.0)
     writer.device("surface", "imported", "trace.vxp")

@@ -51,6 +51,8 @@ def sim_log(tmp_path_factory):
             "devices.xray.port=0",
             "--set",
             "session.operator_enable_after_s=0.5",
+            "--set",
+            "gating.hold_while_prediction_learns=false",
             "--fault",
             "surface:freeze@3+0.4",
         ],

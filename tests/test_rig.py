@@ -99,7 +99,9 @@ def test_beam_follows_the_target_and_every_sample_is_logged(session):
 )
 def test_losing_the_tracker_holds_the_beam_within_100_ms(session, fault, reason):
     # A window wide enough that only the loss of data can hold the beam.
-    s = session("gating.center_mm=-6", "gating.window_mm=20")
+    s = session(
+        "gating.center_mm=-6", "gating.window_mm=20", "gating.hold_while_prediction_learns=false"
+    )
     s.controller.set_operator_enable(True, who="test")
     assert s.rig.linac.wait_for_edge(True, after=0.0, timeout=5.0) is not None
     assert s.rig.linac.beam_on
@@ -165,6 +167,8 @@ def test_sigkill_of_the_sim_leaves_a_readable_log(tmp_path):
             "--set",
             "session.operator_enable_after_s=0.5",
             "--set",
+            "gating.hold_while_prediction_learns=false",
+            "--set",
             "session.status_interval_s=0.1",
         ],
         stderr=subprocess.PIPE,
@@ -223,6 +227,8 @@ def test_sim_cli_json_summary(tmp_path):
             "devices.xray.port=0",
             "--set",
             "session.operator_enable_after_s=0.5",
+            "--set",
+            "gating.hold_while_prediction_learns=false",
         ],
         capture_output=True,
         text=True,
@@ -292,6 +298,8 @@ def test_rig_and_run_as_separate_processes(tmp_path):
                 f"devices.xray.port={addresses['xray'].rsplit(':', 1)[1]}",
                 "--set",
                 f"devices.beam.url={addresses['beam']}",
+                "--set",
+                "gating.hold_while_prediction_learns=false",
             ],
             capture_output=True,
             text=True,

@@ -71,6 +71,7 @@ def run_group(kinds, log) -> tuple[dict, sqlite3.Connection]:
         f"imaging.rate_hz={RATE_HZ:g}",
         f"devices.xray.stale_timeout_s={STALE_S:g}",
         "session.operator_enable_after_s=0.5",
+        "gating.hold_while_prediction_learns=false",
         # a window wide enough that only the faults can hold the beam
         "gating.center_mm=-6",
         "gating.window_mm=20",
