@@ -4,7 +4,12 @@ For every dataset x predictor x horizon (0.2 s, 0.4 s), each trace is run causal
 ``motionctl.prediction.evaluate_predictor`` (30 s warm-up) and the table gives, over the
 traces: the median and inter-quartile range of the relative RMSE (RMSE / RMSE of no
 prediction), the median RMSE, P95 |error| and jitter (mm), and the mean compute time per
-sample. Then:
+sample. The predictors get, besides the breathing axis, the trace's other two position axes
+(as the controller gives them the surface marker's, ``tracking.predictor_inputs = "all"``).
+Then:
+
+- inputs: the breathing axis alone (``"axis"``), and for ExtMarker every channel of the
+  recording (the three markers' nine, frame-synchronous: multi-marker fusion);
 
 - held-out check: ExtMarker split by recording into the half the defaults were chosen on
   (A: recordings 1, 3, 5, 7, 9 in time order) and the held-out half (B: 2, 4, 6, 8);
@@ -35,6 +40,7 @@ import numpy as np
 
 from motionctl import prediction
 from motionctl.prediction import DEFAULT_PREDICTOR, PREDICTORS, evaluate_predictor
+from motionctl.traces import breathing_inputs, read_trace
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NOISE_30HZ_MM = 0.05
@@ -43,41 +49,12 @@ NOISE_30HZ_MM = 0.05
 # -- loading -----------------------------------------------------------------------------------
 
 
-def _load_extmarker(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Fallback ExtMarker reader: ';'-separated, decimal comma, time = Frame / 60 s."""
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
-        cells = [c.strip().strip('"').replace(",", ".") for c in line.split(";")]
-        if len(cells) < 5:
-            continue
-        values = [float(c) for c in cells[:5]]
-        if all(v == 0.0 for v in values):  # trailer row 0;0;0;0;0
-            continue
-        rows.append(values)
-    a = np.asarray(rows)
-    xyz = a[:, 2:5]
-    return a[:, 0] / 60.0, xyz[:, int(np.argmax(xyz.var(axis=0)))]
+def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(t_s, breathing signal mm, the other position axes mm (N, k)) of one trace file."""
+    return breathing_inputs(read_trace(path))
 
 
-def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(t_s, breathing signal in mm) with motionctl.traces if it can, else by hand."""
-    try:
-        from motionctl import traces
-
-        trace = traces.read_trace(path)
-        if hasattr(traces, "breathing_signal"):
-            t, x = traces.breathing_signal(trace)
-        else:
-            t, x = trace.t_s, trace.values[:, 1]
-        return np.asarray(t, float), np.asarray(x, float)
-    except (ImportError, ValueError):
-        if path.suffix.lower() == ".csv":
-            return _load_extmarker(path)
-        a = np.loadtxt(path)
-        return a[:, 0], a[:, 2]  # t x y z ...: SI = y
-
-
-def datasets(root: Path) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
+def datasets(root: Path) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]:
     ext = sorted((root / "extmarker-krilavicius").glob("*.csv"))
     lark = sorted(
         p
@@ -101,25 +78,54 @@ def extmarker_half(filename: str, recordings: list[str]) -> str:
     return "A" if recordings.index(filename.split("-")[0]) % 2 == 0 else "B"
 
 
-def resample(t: np.ndarray, x: np.ndarray, rate_hz: float, seed: int) -> tuple:
+def recording_fusion(traces: list[tuple]) -> list[tuple]:
+    """ExtMarker: each marker's breathing axis with every other channel of its recording
+    (its own two other axes and the other two markers' three: 8), which the three files of
+    one recording share frame by frame."""
+    by_recording: dict[str, list[tuple]] = {}
+    for trace in traces:
+        by_recording.setdefault(trace[0].split("-")[0], []).append(trace)
+    out = []
+    for members in by_recording.values():
+        for name, t, x, aux in members:
+            others = [np.column_stack([x2, aux2]) for n2, t2, x2, aux2 in members if n2 != name]
+            if any(len(o) != len(x) for o in others) or not all(
+                np.array_equal(t, m[1]) for m in members
+            ):
+                raise SystemExit(f"{name}: the markers of its recording are not frame-aligned")
+            out.append((name, t, x, np.column_stack([aux, *others])))
+    return out
+
+
+def resample(t: np.ndarray, x: np.ndarray, aux: np.ndarray, rate_hz: float, seed: int) -> tuple:
+    """Cubic-spline resampling of the signal and its partners, each with white noise."""
     from scipy.interpolate import CubicSpline
 
-    ok = np.isfinite(x)
+    ok = np.isfinite(x) & np.isfinite(aux).all(axis=1)
     tt = np.arange(t[ok][0], t[ok][-1], 1.0 / rate_hz)
-    xx = CubicSpline(t[ok], x[ok])(tt)
-    xx += np.random.default_rng(seed).normal(0.0, NOISE_30HZ_MM, tt.size)
-    return tt, xx
+    rng = np.random.default_rng(seed)
+    xx = CubicSpline(t[ok], x[ok])(tt) + rng.normal(0.0, NOISE_30HZ_MM, tt.size)
+    aa = (
+        np.column_stack(
+            [CubicSpline(t[ok], a[ok])(tt) + rng.normal(0.0, NOISE_30HZ_MM, tt.size) for a in aux.T]
+        )
+        if aux.shape[1]
+        else np.empty((tt.size, 0))
+    )
+    return tt, xx, aa
 
 
 # -- evaluation --------------------------------------------------------------------------------
 
 
-def run(traces, names, horizons, **params) -> list[dict]:
+def run(traces, names, horizons, inputs: str = "all", **params) -> list[dict]:
+    """Every trace x horizon x predictor; ``inputs = "axis"`` leaves out the partners."""
     rows = []
-    for trace, t, x in traces:
+    for trace, t, x, aux in traces:
+        partners = aux if inputs == "all" and aux.shape[1] else None
         for h in horizons:
             for name in names:
-                r = evaluate_predictor(t, x, h, name, **params)
+                r = evaluate_predictor(t, x, h, name, aux=partners, **params)
                 rows.append({"trace": trace, "predictor": name, "horizon_s": h} | r)
     return rows
 
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(PREDICTORS)
     horizons = args.horizons
     data = datasets(args.data)
-    recordings = sorted({n.split("-")[0] for n, _, _ in data["extmarker"]})
+    recordings = sorted({n.split("-")[0] for n, *_ in data["extmarker"]})
 
     report: dict = {"default_predictor": DEFAULT_PREDICTOR, "predictors": names}
     lines: list[str] = []
@@ -188,8 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     groups: dict = {}
     for d, rows in native.items():
         groups |= group(rows, d, names, horizons)
-    lines += table("Native rates (ExtMarker 10 Hz, liver and lung 5 Hz)", groups)
+    lines += table(
+        "Native rates (ExtMarker 10 Hz, liver and lung 5 Hz); inputs: the breathing axis and "
+        "the same marker's / trace's other two axes",
+        groups,
+    )
     report["native"] = {f"{d}|{h}|{n}": summarise(r) for (d, h, n), r in groups.items()}
+
+    # 1b. the breathing axis alone (predictor_inputs = "axis"), and ExtMarker with every
+    # channel of the recording (the three markers' nine)
+    learners = [n for n in names if n not in ("none", "nlms")]  # these two ignore partners
+    groups = {}
+    for d, traces in data.items():
+        groups |= group(
+            run(traces, learners, horizons, inputs="axis"), f"{d} axis", learners, horizons
+        )
+    fused = run(recording_fusion(data["extmarker"]), learners, horizons)
+    groups |= group(fused, "extmarker 9ch", learners, horizons)
+    lines += [""] + table("Inputs: the breathing axis alone; ExtMarker: all 9 channels", groups)
+    report["inputs"] = {f"{d}|{h}|{n}": summarise(r) for (d, h, n), r in groups.items()}
 
     # 2. held-out halves of ExtMarker, and the liver subsets
     ext = native["extmarker"]
@@ -217,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = {}
     rows30: list[dict] = []
     for d, traces in data.items():
-        resampled = [(name, *resample(t, x, 30.0, seed=i)) for i, (name, t, x) in enumerate(traces)]
+        resampled = [
+            (name, *resample(t, x, aux, 30.0, seed=i)) for i, (name, t, x, aux) in enumerate(traces)
+        ]
         rows = run(resampled, names30, [0.4])
         rows30 += rows
         groups |= group(rows, f"{d}@30Hz", names30, [0.4])

@@ -268,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("traces", nargs="+", metavar="TRACE")
     pred.add_argument("--horizon", type=float, required=True, metavar="S")
     pred.add_argument("--predictor", default="all", metavar="NAME|all")
+    pred.add_argument(
+        "--inputs",
+        choices=("all", "axis"),
+        default="all",
+        help="all (default): the trace's other position axes are extra predictor inputs "
+        "(as the controller gives it the surface marker's other axes); axis: the breathing "
+        "axis alone",
+    )
     pred.add_argument("--json", action="store_true", help="one JSON object per trace")
     corr = evalsub.add_parser(
         "correlation",
@@ -678,7 +686,7 @@ def _format_summary(summary: dict[str, Any]) -> str:
 
 def _evaluate_prediction(args: argparse.Namespace) -> int:
     from motionctl.prediction import DEFAULT_PREDICTOR, PREDICTORS, evaluate_predictor
-    from motionctl.traces import breathing_signal, read_trace
+    from motionctl.traces import breathing_inputs, read_trace
 
     names = list(PREDICTORS) if args.predictor == "all" else [args.predictor]
     names = [DEFAULT_PREDICTOR if name == "default" else name for name in names]
@@ -688,10 +696,16 @@ def _evaluate_prediction(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown predictor {name!r}; known: {known}, default, all")
     results = []
     for path in args.traces:
-        t, x = breathing_signal(read_trace(path))
+        t, x, aux = breathing_inputs(read_trace(path))
+        if args.inputs == "axis":
+            aux = aux[:, :0]
         for name in names:
-            result = evaluate_predictor(t, x, args.horizon, name)
-            results.append({"trace": path, "predictor": name, "horizon_s": args.horizon} | result)
+            result = evaluate_predictor(t, x, args.horizon, name, aux=aux if aux.size else None)
+            results.append(
+                {"trace": path, "predictor": name, "horizon_s": args.horizon}
+                | {"aux_inputs": aux.shape[1]}
+                | result
+            )
     if args.json:
         for result in results:
             print(json.dumps(result))

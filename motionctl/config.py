@@ -31,6 +31,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "tracking.unmeasured_latency_s": (lambda v: 0 <= v <= 1.5, "a number in [0, 1.5] s"),
     "tracking.surrogate_rate_hz": (lambda v: 1 <= v <= 200, "a rate in [1, 200] Hz"),
     "tracking.smoothing_s": (lambda v: 0 <= v <= 0.5, "a time constant in [0, 0.5] s"),
+    "tracking.predictor_inputs": (lambda v: v in ("all", "axis"), 'one of "all", "axis"'),
     "gating.mode": (
         lambda v: v in ("amplitude", "phase", "breath_hold"),
         "one of amplitude, phase, breath_hold",

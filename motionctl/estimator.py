@@ -4,7 +4,9 @@ Per sample, causally and clock-injected (the time is the sample's receipt time):
 
 1. the breathing axis of the surrogate goes through ``SurrogateProcessor`` (rejection,
    despiking, smoothing, cycles, phase, baseline);
-2. the predictor forecasts the processed surrogate one system latency (``horizon_s``) ahead;
+2. the predictor forecasts the processed surrogate one system latency (``horizon_s``) ahead,
+   with the marker's other two axes as extra inputs (``predictor_inputs = "all"``: the
+   loop between a marker's axes tells inhale from exhale and where in the breath it is);
 3. the correlation model maps the surrogate now, and the predicted surrogate, to the 3-D
    internal target. Until the model has been built from X-ray fiducial positions, the
    configured prior (``target = offset + gain * surrogate``, as a planning-CT/4DCT fit
@@ -54,6 +56,8 @@ class EstimatorSettings:
     smoothing_s: float = 0.04  # surrogate low-pass time constant (0 = none)
     horizon_s: float = 0.4
     predictor: str = "default"
+    # "all": the surrogate's other two axes are extra predictor inputs; "axis": none
+    predictor_inputs: str = "all"
     prior_gain: Sequence[float] = (0.0, -1.5, 0.5)  # target per mm of raw surrogate
     prior_offset_mm: Sequence[float] = (0.0, 0.0, 0.0)
     use_prior: bool = True
@@ -77,8 +81,14 @@ class MotionEstimator:
         self.surrogate = surrogate or SurrogateProcessor(
             SurrogateParams(smoothing_s=settings.smoothing_s)
         )
-        name = DEFAULT_PREDICTOR if settings.predictor == "default" else settings.predictor
-        self.predictor = predictor or make_predictor(name, settings.rate_hz, settings.horizon_s)
+        # The marker's other axes, as the predictor's extra inputs (raw mm; the last finite
+        # value stands in for a missing one, e.g. the absent axes of a 1-D RPM export).
+        aux_axes = [i for i in range(3) if i != self._axis]
+        self._aux_axes = tuple(aux_axes) if settings.predictor_inputs == "all" else ()
+        self._aux = [0.0] * len(self._aux_axes)
+        self.predictor = predictor or self._make_predictor(settings)
+        if getattr(self.predictor, "aux_channels", 0) != len(self._aux_axes):
+            self._aux_axes, self._aux = (), []  # an injected 1-D predictor
         self.correlation = correlation
         self.history = SurrogateHistory.for_params(correlation.params)
         self._horizon_samples = horizon_samples(settings.rate_hz, settings.horizon_s)
@@ -123,7 +133,16 @@ class MotionEstimator:
         if value > self._s_hi:
             self._s_hi = value
         self.history.append(t, value)
-        predicted = self.predictor.step(value)
+        aux = self._aux
+        if aux:
+            marker = sample.position_mm
+            for j, i in enumerate(self._aux_axes):
+                v = marker[i]
+                if math.isfinite(v):
+                    aux[j] = v
+            predicted = self.predictor.step(value, aux)
+        else:
+            predicted = self.predictor.step(value)
         if self.predictor.diverged or not math.isfinite(predicted):
             reasons.append("predictor_diverged")
             self.predictor.reset()
@@ -199,12 +218,17 @@ class MotionEstimator:
         horizon, so it starts again (its warm-up: until then the prediction is the current
         value); the correlation model and the surrogate history are kept."""
         self.s = replace(self.s, horizon_s=float(horizon_s))
-        name = DEFAULT_PREDICTOR if self.s.predictor == "default" else self.s.predictor
-        self.predictor = make_predictor(name, self.s.rate_hz, self.s.horizon_s)
+        self.predictor = self._make_predictor(self.s)
         self._horizon_samples = horizon_samples(self.s.rate_hz, self.s.horizon_s)
         self._past = [None] * max(1, self._horizon_samples)
         self._slot = 0
         self._pred_err2, self._pred_err_n = 0.0, 0
+
+    def _make_predictor(self, settings: EstimatorSettings) -> Predictor:
+        name = DEFAULT_PREDICTOR if settings.predictor == "default" else settings.predictor
+        return make_predictor(
+            name, settings.rate_hz, settings.horizon_s, aux_channels=len(self._aux_axes)
+        )
 
     def _prior(self, value: float) -> tuple[float, float, float]:
         raw = self._sign * value

@@ -477,10 +477,11 @@ def _rate(header_value: str | None, t: np.ndarray) -> float:
 
 
 def _adapt_config(cfg: dict[str, Any], device: str, kind: str, rate_hz: float) -> None:
-    """The imported surrogate as the config's surrogate device (AP axis, its rate)."""
+    """The imported surrogate as the config's surrogate device (AP axis, its rate; 1-D)."""
     cfg["tracking"]["surrogate_device"] = device
     cfg["tracking"]["surrogate_axis"] = "AP"
     cfg["tracking"]["surrogate_rate_hz"] = rate_hz
+    cfg["tracking"]["predictor_inputs"] = "axis"  # 1-D: no other axes to help the predictor
     cfg["devices"][device] = {
         "kind": kind,
         "stale_timeout_s": round(1.5 / rate_hz, 6),

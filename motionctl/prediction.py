@@ -1,4 +1,5 @@
-"""Latency-compensating prediction of a 1-D breathing signal.
+"""Latency-compensating prediction of a 1-D breathing signal (optionally helped by other,
+synchronous channels of the same recording).
 
 The beam gate must act on where the target *will be* when the beam responds, one system
 latency (``horizon_s``, typically 0.1-0.5 s) after the sample. A predictor consumes the
@@ -38,13 +39,31 @@ increments and predict the increment ``x[n+H] - x[n]``, so they are blind to the
 and an all-zero model is exactly ``none``. Below 5 Hz a block is one sample and the vector
 keeps its duration with fewer entries.
 
-Cost: a handful of small numpy operations per sample on preallocated buffers; a 21 x 21
-ridge solve every 0.2 s, not every sample. ``bench/bench_prediction.py`` measures it.
+Extra input channels (``aux_channels = k``, ``step(value, aux)`` with ``k`` values): the
+predicted signal is still the one ``value``, but ``ridge``, ``analogue`` and ``ensemble``
+may also read other channels sampled at the same instants, typically the other axes of the
+same marker or the other markers of the recording. Breathing moves them with different
+phases (the axes of a marker's path do not peak together, nor do markers at different
+places), so they carry phase information that the main channel's own past lacks.
+The ridge sees each extra channel's block increments over the last second (5 per channel);
+the analogue embedding appends each one's increments over its span (2 s) in raw mm with
+the main channel's lag weights. On the 27 ExtMarker traces at 0.4 s the ensemble's median
+relative RMSE went from 0.437 to 0.391 with the same marker's two other axes and to 0.352
+with all 8 other channels of the recording; on the 12 liver traces, 0.520 to 0.510. The
+channels must be synchronous: delaying them by a single sample loses most of the gain, so
+never feed a channel from another clock or a resampled copy with a different latency.
+``nlms`` and ``none`` accept ``aux_channels`` and check ``aux`` but ignore it. With
+``aux_channels = 0`` every predictor is exactly the 1-D one.
 
-Safety: ``step`` refuses non-finite input (the caller resets the predictor across invalid
-data). Until a model has learned from ``_MIN_LEARNING_S`` of data (and filled its delay
-vector) the prediction is the current value (``ready`` is False). ``diverged`` latches when
-the input leaves any physical range, the state turns non-finite, or the recent error is
+Cost: a handful of small numpy operations per sample on preallocated buffers; a 21 x 21
+ridge solve every 0.2 s, not every sample (21 + 5 k with k extra channels, which roughly
+doubles the cost per sample at k = 2). ``bench/bench_prediction.py`` measures it.
+
+Safety: ``step`` refuses non-finite input, in ``value`` or in ``aux`` (the caller resets
+the predictor across invalid data), and an ``aux`` of the wrong length. Until a model has
+learned from ``_MIN_LEARNING_S`` of data (and filled its delay vector) the prediction is
+the current value (``ready`` is False). ``diverged`` latches when the input (or an extra
+channel) leaves any physical range, the state turns non-finite, or the recent error is
 several times that of no prediction; a diverged predictor returns the current value until
 ``reset()``.
 """
@@ -54,7 +73,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -78,9 +97,11 @@ __all__ = [
 class Predictor(Protocol):
     name: str
     horizon_s: float
+    aux_channels: int
 
-    def step(self, value: float) -> float:
-        """Consume x[n]; return the prediction of x[n + H]."""
+    def step(self, value: float, aux: Sequence[float] | None = None) -> float:
+        """Consume x[n] (and, if ``aux_channels > 0``, the synchronous extra channels'
+        samples ``aux``); return the prediction of x[n + H]."""
         ...
 
     def reset(self) -> None:
@@ -115,6 +136,39 @@ _DIVERGED_HALF_LIFE_S = 2.0
 # extrapolates wildly (seen on a LARK trace at 8.8 s), and the first breaths after a
 # reset are also where the analogue library is too small to hold a match.
 _MIN_LEARNING_S = 10.0
+
+# Extra input channels: the ridge sees each one's block increments over the last second
+# (5 values in 0.2 s blocks); the analogue embedding appends each one's increments over its
+# own span (2 s) with the main channel's lag weights. Chosen on half of the ExtMarker
+# recordings (longer aux vectors for the ridge overfit: 21 + 20 k parameters).
+_AUX_RIDGE_SPAN_S = 1.0
+
+
+def _check_aux_channels(aux_channels: object) -> int:
+    if not (isinstance(aux_channels, numbers.Integral) and not isinstance(aux_channels, bool)):
+        raise ValueError(f"aux_channels must be an integer >= 0, got {aux_channels!r}")
+    if aux_channels < 0:
+        raise ValueError(f"aux_channels must be an integer >= 0, got {aux_channels!r}")
+    return int(aux_channels)
+
+
+def _aux_values(aux: object, k: int) -> list[float]:
+    """``aux`` as a list of ``k`` finite floats; ValueError otherwise."""
+    if aux is None:
+        raise ValueError(f"expected {k} aux channel value(s) per sample, got None")
+    try:
+        n = len(aux)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"expected {k} aux channel value(s) per sample, as a sequence; got {aux!r}"
+        ) from None
+    if n != k:
+        raise ValueError(f"expected {k} aux channel value(s) per sample, got {n}")
+    values = [float(u) for u in aux]  # type: ignore[union-attr]
+    for u in values:
+        if not math.isfinite(u):
+            raise ValueError(f"non-finite aux sample {u!r}: reset the predictor across it")
+    return values
 
 
 def horizon_samples(rate_hz: float, horizon_s: float) -> int:
@@ -254,10 +308,17 @@ class _RidgeLearner:
     tick (O(p^2)) and the weights re-solved every ``refit_ticks`` ticks (O(p^3), amortised).
     The ridge term is ``alpha * trace(R) / p``, invariant to the signal's amplitude; it
     shrinks the model toward "no change" (the ``none`` predictor).
+
+    ``sel`` (optional) picks the ``p`` entries of a longer feature vector that this learner
+    uses (the extra channels' first second); without it the vector is used as is.
     """
 
-    def __init__(self, p: int, lam: float, alpha: float, refit_ticks: int):
+    def __init__(
+        self, p: int, lam: float, alpha: float, refit_ticks: int, sel: np.ndarray | None = None
+    ):
         self.p = p
+        self.sel = sel
+        self._zsel = None if sel is None else np.zeros(p)
         self.lam = lam
         self.alpha = alpha
         self.refit_ticks = max(1, refit_ticks)
@@ -279,6 +340,8 @@ class _RidgeLearner:
         self.version = 0  # counts the weights' updates
 
     def learn(self, z: np.ndarray, y: float) -> None:
+        if self.sel is not None:
+            z = z.take(self.sel, out=self._zsel)
         self.R *= self.lam
         np.multiply.outer(z, z, out=self._outer)
         self.R += self._outer
@@ -348,10 +411,18 @@ class _AnalogueLearner:
     Squared distances are ``|l|^2 - 2 l.e + |e|^2``: the rows are stored as ``-2 l`` and
     their norms separately (``inf`` for empty slots, which are then never chosen), so a
     query is one matrix-vector product, one addition and one partial sort.
+
+    With extra channels ``sel`` picks the embedded entries of the feature vector (the main
+    channel's first ``n_main`` increments, then each extra channel's), and ``weights`` has
+    one lag weight per picked entry; without it the embedding is ``z[:n]``.
     """
 
-    def __init__(self, n: int, weights: np.ndarray, memory: int, k: int):
+    def __init__(
+        self, n: int, weights: np.ndarray, memory: int, k: int, sel: np.ndarray | None = None
+    ):
         self.n = n
+        self.sel = sel
+        self._zsel = None if sel is None else np.zeros(n)
         self.k = k
         self.sw = weights
         self.memory = memory
@@ -376,7 +447,8 @@ class _AnalogueLearner:
 
     def learn(self, z: np.ndarray, y: float) -> None:
         e = self._e
-        np.multiply(z[: self.n], self.sw, out=e)
+        zn = z[: self.n] if self.sel is None else z.take(self.sel, out=self._zsel)
+        np.multiply(zn, self.sw, out=e)
         slot = self.slot
         np.multiply(e, -2.0, out=self.lib[slot])
         self.norm2[slot] = float(np.dot(e, e))
@@ -387,7 +459,8 @@ class _AnalogueLearner:
 
     def predict(self, z: np.ndarray) -> float:
         e = self._e
-        np.multiply(z[: self.n], self.sw, out=e)
+        zn = z[: self.n] if self.sel is None else z.take(self.sel, out=self._zsel)
+        np.multiply(zn, self.sw, out=e)
         d = self._d
         np.dot(self.lib, e, out=d)
         d += self.norm2  # = |l|^2 - 2 l.e, i.e. the squared distance minus |e|^2
@@ -407,21 +480,25 @@ class _AnalogueLearner:
 
 
 class NoPredictor:
-    """``none``: the prediction is the current value."""
+    """``none``: the prediction is the current value. ``aux_channels`` is accepted (and
+    ``aux`` checked as by the learning predictors) but the extra channels are not used."""
 
     name = "none"
 
-    def __init__(self, rate_hz: float, horizon_s: float):
+    def __init__(self, rate_hz: float, horizon_s: float, aux_channels: int = 0):
         _check_rate_horizon(rate_hz, horizon_s)
         self.rate_hz = float(rate_hz)
         self.horizon_s = float(horizon_s)
         self.horizon_samples = horizon_samples(rate_hz, horizon_s)
+        self.aux_channels = _check_aux_channels(aux_channels)
         self._diverged = False
 
-    def step(self, value: float) -> float:
+    def step(self, value: float, aux: Sequence[float] | None = None) -> float:
         v = float(value)
         if not math.isfinite(v):
             raise ValueError(f"non-finite sample {value!r}: reset the predictor across it")
+        if self.aux_channels:
+            _aux_values(aux, self.aux_channels)
         if abs(v) > _MAX_ABS_INPUT_MM:
             self._diverged = True
         return v
@@ -447,17 +524,31 @@ class _FeaturePredictor:
     ensemble's weights); compute the features now and return ``x[n] + increment``.
     Subclasses build their learners in ``_build`` and map learner outputs to one increment
     in ``_combine``.
+
+    Extra channels (``aux_channels = k > 0``): each has its own delay line of ``aux_span_s``
+    (None: the subclass ignores them; ``aux`` is still checked). The feature vectors are
+    laid out ``[main increments (n_taps), bias 1, channel 0 (n_aux_taps), channel 1, ...]``
+    so that with ``k = 0`` they are exactly the 1-D ones; learners pick their entries with
+    an index array (``sel``).
     """
 
     name = "?"
 
     def __init__(
-        self, rate_hz: float, horizon_s: float, span_s: float, tap_s: float, tick_s: float
+        self,
+        rate_hz: float,
+        horizon_s: float,
+        span_s: float,
+        tap_s: float,
+        tick_s: float,
+        aux_channels: int = 0,
+        aux_span_s: float | None = None,
     ):
         _check_rate_horizon(rate_hz, horizon_s)
         _check_positive(span_s=span_s, tap_s=tap_s, tick_s=tick_s)
         if span_s < tap_s:
             raise ValueError(f"span_s ({span_s}) must be at least one tap ({tap_s})")
+        self.aux_channels = _check_aux_channels(aux_channels)
         self.rate_hz = float(rate_hz)
         self.horizon_s = float(horizon_s)
         self.H = horizon_samples(rate_hz, horizon_s)
@@ -467,8 +558,21 @@ class _FeaturePredictor:
         self.dl = _DelayLine(rate_hz, self.tap_s, self.n_taps, self.H)
         self.tick = max(1, round(tick_s * rate_hz))  # samples per learning tick
         self.tick_interval_s = self.tick / self.rate_hz
-        self._z = np.zeros(self.n_taps + 1)  # features now (last entry: bias 1)
-        self._zl = np.zeros(self.n_taps + 1)  # features of the sample H ago
+        k = self.aux_channels if aux_span_s is not None else 0
+        self.n_aux_taps = max(1, round(aux_span_s / self.tap_s)) if k else 0
+        self._aux_dls = tuple(
+            _DelayLine(rate_hz, self.tap_s, self.n_aux_taps, self.H) for _ in range(k)
+        )
+        # samples needed before features(H) is defined on every delay line
+        self._need = max([self.dl.size] + [a.size for a in self._aux_dls])
+        p = self.n_taps + 1 + k * self.n_aux_taps
+        self._z = np.zeros(p)  # features now (entry n_taps: bias 1; then the aux channels)
+        self._zl = np.zeros(p)  # features of the sample H ago
+        offsets = [self.n_taps + 1 + c * self.n_aux_taps for c in range(k)]
+        self._z_aux = tuple(self._z[o : o + self.n_aux_taps] for o in offsets)
+        self._zl_aux = tuple(self._zl[o : o + self.n_aux_taps] for o in offsets)
+        self._w_aux = np.zeros(p - self.n_taps - 1)  # the ridge's aux weights, in this layout
+        self._aux_sums_models: list[tuple[np.ndarray, float]] = []
         self._div_lam = _half_life_factor(_DIVERGED_HALF_LIFE_S, 1.0 / self.rate_hz)
         self._div_after = round(2.0 * _DIVERGED_HALF_LIFE_S * self.rate_hz)
         self._min_ticks = math.ceil(_MIN_LEARNING_S / self.tick_interval_s - 1e-9)
@@ -486,27 +590,62 @@ class _FeaturePredictor:
 
     def _features_now(self) -> np.ndarray:
         self.dl.features(0, self._z)
+        if self._aux_dls:
+            for aux_dl, out in zip(self._aux_dls, self._z_aux, strict=True):
+                aux_dl.features(0, out)
         return self._z
+
+    def _aux_sel(self, n_main: int, n_aux: int, bias: bool) -> np.ndarray | None:
+        """Indices into the feature vector: the first ``n_main`` main entries (and the bias),
+        then the first ``n_aux`` entries of each aux channel; None without aux channels."""
+        if not self._aux_dls:
+            return None
+        idx = list(range(n_main)) + ([self.n_taps] if bias else [])
+        for c in range(len(self._aux_dls)):
+            o = self.n_taps + 1 + c * self.n_aux_taps
+            idx.extend(range(o, o + min(n_aux, self.n_aux_taps)))
+        return np.asarray(idx, dtype=np.intp)
 
     def _ridge_now(self, ridge: _RidgeLearner) -> float:
         """``ridge.predict(features now)``, evaluated on the running sums."""
         if ridge.version != self._sums_version:
-            self._sums_model = _linear_on_sums(ridge.w, self.dl)
+            self._sums_model = _linear_on_sums(ridge.w, self.dl)  # reads w[: n_taps + 1]
+            if ridge.sel is not None:
+                self._aux_sums_models = self._aux_linear_on_sums(ridge)
             self._sums_version = ridge.version
         c, w_sum, bias = self._sums_model
         x = self.dl.block_sums(0)
-        return x * w_sum + bias - float(np.dot(c, self.dl._sums))
+        out = x * w_sum + bias - float(np.dot(c, self.dl._sums))
+        if ridge.sel is not None:
+            for aux_dl, (c, w_sum) in zip(self._aux_dls, self._aux_sums_models, strict=True):
+                out += aux_dl.block_sums(0) * w_sum - float(np.dot(c, aux_dl._sums))
+        return out
+
+    def _aux_linear_on_sums(self, ridge: _RidgeLearner) -> list[tuple[np.ndarray, float]]:
+        """The ridge's aux weights as one running-sums model per aux channel (no bias)."""
+        n = self.n_taps + 1
+        w_aux = self._w_aux  # spread over this predictor's layout (zero where unused)
+        w_aux[ridge.sel[n:] - n] = ridge.w[n:]
+        models = []
+        for j, aux_dl in enumerate(self._aux_dls):
+            w = np.zeros(self.n_aux_taps + 1)  # trailing bias weight 0
+            w[:-1] = w_aux[j * self.n_aux_taps : (j + 1) * self.n_aux_taps]
+            c, w_sum, _ = _linear_on_sums(w, aux_dl)
+            models.append((c, w_sum))
+        return models
 
     def _score(self, realised: float) -> None:
         """Hook: the realised increment of the prediction made H samples ago."""
 
     def reset(self) -> None:
         self.dl.reset()
+        for aux_dl in self._aux_dls:
+            aux_dl.reset()
         for learner in self._learners:
             learner.reset()
         self._z.fill(0.0)
         self._zl.fill(0.0)
-        self._z[-1] = self._zl[-1] = 1.0
+        self._z[self.n_taps] = self._zl[self.n_taps] = 1.0
         self._since_tick = 0
         self._ticks = 0
         self._bad = False
@@ -527,10 +666,20 @@ class _FeaturePredictor:
         horizon 0 the current value is the prediction."""
         return not self._bad and (self.H == 0 or self._ticks >= self._min_ticks)
 
-    def step(self, value: float) -> float:
+    def step(self, value: float, aux: Sequence[float] | None = None) -> float:
         v = float(value)
         if not math.isfinite(v):
             raise ValueError(f"non-finite sample {value!r}: reset the predictor across it")
+        if self.aux_channels:
+            a = _aux_values(aux, self.aux_channels)  # checked before any state changes
+            if self._bad:
+                return v
+            if any(abs(u) > _MAX_ABS_INPUT_MM for u in a):
+                self._bad = True
+                return v
+            if self._aux_dls:  # empty if the subclass ignores the extra channels
+                for aux_dl, u in zip(self._aux_dls, a, strict=True):
+                    aux_dl.push(u)
         if self._bad:
             return v  # latched until reset(): the caller holds the beam and resets
         if abs(v) > _MAX_ABS_INPUT_MM:
@@ -539,7 +688,7 @@ class _FeaturePredictor:
         dl = self.dl
         dl.push(v)
         H = self.H
-        if H == 0 or not dl.full:
+        if H == 0 or dl.count < self._need:
             return v
         x_now = v - dl.origin
         # learn what followed the sample H ago, now that its target x[n] is known
@@ -547,6 +696,9 @@ class _FeaturePredictor:
         if self._since_tick >= self.tick:
             self._since_tick = 0
             y = x_now - dl.features(H, self._zl)
+            if self._aux_dls:
+                for aux_dl, out in zip(self._aux_dls, self._zl_aux, strict=True):
+                    aux_dl.features(H, out)
             for learner in self._learners:
                 learner.learn(self._zl, y)
                 if not learner.ok:
@@ -581,7 +733,10 @@ class _FeaturePredictor:
 
 
 class NLMSPredictor(_FeaturePredictor):
-    """``nlms``: normalised LMS on a 1 s block-increment delay vector, step size 0.02."""
+    """``nlms``: normalised LMS on a 1 s block-increment delay vector, step size 0.02.
+
+    The classical 1-D baseline: ``aux_channels`` is accepted (``aux`` is checked) but the
+    extra channels are not used."""
 
     name = "nlms"
 
@@ -593,9 +748,10 @@ class NLMSPredictor(_FeaturePredictor):
         mu: float = 0.02,
         tap_s: float = 0.2,
         tick_s: float = 0.1,
+        aux_channels: int = 0,
     ):
         self._mu = mu
-        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s)
+        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s, aux_channels, None)
 
     def _build(self) -> tuple:
         _check_positive(mu=self._mu)
@@ -608,7 +764,10 @@ class NLMSPredictor(_FeaturePredictor):
 
 
 class RidgePredictor(_FeaturePredictor):
-    """``ridge``: forgetting ridge regression on a 4 s block-increment delay vector."""
+    """``ridge``: forgetting ridge regression on a 4 s block-increment delay vector.
+
+    With ``aux_channels = k`` the regression also sees each extra channel's block
+    increments over the last second (0.2 s blocks: 5 per channel), 21 + 5 k parameters."""
 
     name = "ridge"
 
@@ -622,12 +781,13 @@ class RidgePredictor(_FeaturePredictor):
         refit_s: float = 0.2,
         tap_s: float = 0.2,
         tick_s: float = 0.1,
+        aux_channels: int = 0,
     ):
         self._ridge_args = (half_life_s, alpha, refit_s)
-        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s)
+        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s, aux_channels, _AUX_RIDGE_SPAN_S)
 
     def _build(self) -> tuple:
-        self._ridge = _make_ridge(self, self.n_taps, *self._ridge_args)
+        self._ridge = _make_ridge(self, *self._ridge_args)
         return (self._ridge,)
 
     def _combine(self) -> float:
@@ -641,14 +801,18 @@ def _check_positive(**params: float) -> None:
 
 
 def _make_ridge(
-    owner: _FeaturePredictor, n_taps: int, half_life_s: float, alpha: float, refit_s: float
+    owner: _FeaturePredictor, half_life_s: float, alpha: float, refit_s: float
 ) -> _RidgeLearner:
     _check_positive(half_life_s=half_life_s, refit_s=refit_s)
     if not (_is_real(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    # the ridge always sees all of the owner's taps plus the bias
+    # the ridge always sees all of the owner's taps plus the bias, and the first second of
+    # each aux channel
+    n_aux = max(1, round(_AUX_RIDGE_SPAN_S / owner.tap_s))
+    sel = owner._aux_sel(owner.n_taps, n_aux, bias=True)
+    p = owner.n_taps + 1 if sel is None else sel.size
     lam = _half_life_factor(half_life_s, owner.tick_interval_s)
-    return _RidgeLearner(n_taps + 1, lam, alpha, round(refit_s / owner.tick_interval_s))
+    return _RidgeLearner(p, lam, alpha, round(refit_s / owner.tick_interval_s), sel)
 
 
 def _make_analogue(
@@ -659,11 +823,24 @@ def _make_analogue(
     lags = (np.arange(n) + 0.5) * owner.tap_s  # block j is centred (j + 0.5) taps back
     weights = np.sqrt(np.exp(-lags / decay_s))
     memory = max(4 * k, round(memory_s / owner.tick_interval_s))
-    return _AnalogueLearner(n, weights, memory, k)
+    # aux channels: their increments over the same span, raw mm, the same lag weights
+    n_aux = max(1, round(span_s / owner.tap_s))
+    sel = owner._aux_sel(n, n_aux, bias=False)
+    if sel is None:
+        return _AnalogueLearner(n, weights, memory, k)
+    n_aux = min(n_aux, owner.n_aux_taps)
+    aux_lags = (np.arange(n_aux) + 0.5) * owner.tap_s
+    aux_weights = np.sqrt(np.exp(-aux_lags / decay_s))
+    weights = np.concatenate([weights] + [aux_weights] * len(owner._aux_dls))
+    return _AnalogueLearner(sel.size, weights, memory, k, sel)
 
 
 class AnaloguePredictor(_FeaturePredictor):
-    """``analogue``: k nearest 2 s embeddings of the last ``memory_s``; mean of what followed."""
+    """``analogue``: k nearest 2 s embeddings of the last ``memory_s``; mean of what followed.
+
+    With ``aux_channels`` the embedding also holds each extra channel's increments over
+    the same ``span_s``, in raw mm with the main channel's lag weights: a moment is an
+    analogue only if all channels moved alike."""
 
     name = "analogue"
 
@@ -677,11 +854,12 @@ class AnaloguePredictor(_FeaturePredictor):
         k: int = 16,
         tap_s: float = 0.2,
         tick_s: float = 0.1,
+        aux_channels: int = 0,
     ):
         if not (isinstance(k, numbers.Integral) and k >= 1):
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         self._analogue_args = (span_s, decay_s, memory_s, k)
-        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s)
+        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s, aux_channels, span_s)
 
     def _build(self) -> tuple:
         self._analogue = _make_analogue(self, *self._analogue_args)
@@ -699,6 +877,10 @@ class EnsemblePredictor(_FeaturePredictor):
     Both learners read one 4 s delay line (the analogue uses its most recent 2 s). Each
     component's predicted increment is kept for H samples and scored against the realised
     increment; the mean squared errors decay with ``error_half_life_s``.
+
+    With ``aux_channels`` each extra channel gets a delay line of ``analogue_span_s`` (at
+    least 1 s): the ridge sees its last second, the analogue its whole span (see
+    ``RidgePredictor`` and ``AnaloguePredictor``).
     """
 
     name = "ensemble"
@@ -718,6 +900,7 @@ class EnsemblePredictor(_FeaturePredictor):
         error_half_life_s: float = 10.0,
         tap_s: float = 0.2,
         tick_s: float = 0.1,
+        aux_channels: int = 0,
     ):
         if not (isinstance(k, numbers.Integral) and k >= 1):
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -726,11 +909,12 @@ class EnsemblePredictor(_FeaturePredictor):
         self._analogue_args = (analogue_span_s, decay_s, memory_s, k)
         self._error_half_life_s = error_half_life_s
         span_s = max(ridge_span_s, analogue_span_s)
-        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s)
+        aux_span_s = max(_AUX_RIDGE_SPAN_S, analogue_span_s)
+        super().__init__(rate_hz, horizon_s, span_s, tap_s, tick_s, aux_channels, aux_span_s)
 
     def _build(self) -> tuple:
         self._w_lam = _half_life_factor(self._error_half_life_s, 1.0 / self.rate_hz)
-        self._ridge = _make_ridge(self, self.n_taps, *self._ridge_args)
+        self._ridge = _make_ridge(self, *self._ridge_args)
         self._analogue = _make_analogue(self, *self._analogue_args)
         return (self._ridge, self._analogue)
 
@@ -806,6 +990,7 @@ def evaluate_predictor(
     horizon_s: float,
     name: str,
     warmup_s: float = 30.0,
+    aux: np.ndarray | None = None,
     **params: Any,
 ) -> dict:
     """Causal evaluation of one predictor on one uniformly sampled trace.
@@ -821,6 +1006,10 @@ def evaluate_predictor(
     ``rate_hz``, ``horizon_samples``, ``n_scored``, ``n_resets`` and ``n_diverged`` (samples
     at which the predictor reported ``diverged``; it is then reset, as the estimator does).
     ``params`` go to the predictor's constructor (for sensitivity studies).
+
+    ``aux`` (optional, shape ``(N, k)``): k extra channels sampled with ``x`` (same rows);
+    the predictor is built with ``aux_channels=k`` and gets row n with ``x[n]``. A row with
+    any NaN in it counts as a NaN sample: reset across it, pairs touching it not scored.
     """
     t_s = np.asarray(t_s, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
@@ -830,12 +1019,23 @@ def evaluate_predictor(
     if not np.all(dt > 0):
         raise ValueError("t_s must be strictly increasing")
     rate = 1.0 / float(np.median(dt))
-    predictor = make_predictor(name, rate, horizon_s, **params)
+    finite = np.isfinite(x)
+    aux_rows: list | None = None
+    if aux is None:
+        predictor = make_predictor(name, rate, horizon_s, **params)
+    else:
+        aux = np.asarray(aux, dtype=np.float64)
+        if aux.ndim != 2 or aux.shape[0] != x.size:
+            raise ValueError(f"aux must have shape (len(x), k) = ({x.size}, k), got {aux.shape}")
+        if "aux_channels" in params:
+            raise ValueError("give aux (the data), not aux_channels: it is aux.shape[1]")
+        predictor = make_predictor(name, rate, horizon_s, aux_channels=aux.shape[1], **params)
+        finite &= np.isfinite(aux).all(axis=1)
+        aux_rows = aux.tolist()
     H = horizon_samples(rate, horizon_s)
     n = x.size
     pred = np.full(n, np.nan)
     cost_ns = np.zeros(n)
-    finite = np.isfinite(x)
     resets = diverged = 0
     was_valid = True
     clock = time.perf_counter_ns
@@ -848,9 +1048,15 @@ def evaluate_predictor(
             continue
         was_valid = True
         value = float(x[i])
-        t0 = clock()
-        p = predictor.step(value)
-        cost_ns[i] = clock() - t0
+        if aux_rows is None:
+            t0 = clock()
+            p = predictor.step(value)
+            cost_ns[i] = clock() - t0
+        else:
+            row = aux_rows[i]
+            t0 = clock()
+            p = predictor.step(value, row)
+            cost_ns[i] = clock() - t0
         if predictor.diverged:
             diverged += 1
             predictor.reset()

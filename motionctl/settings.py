@@ -23,6 +23,8 @@ def estimator_settings(cfg: dict[str, Any]) -> EstimatorSettings:
         smoothing_s=tr["smoothing_s"],
         horizon_s=tr["horizon_s"],
         predictor=tr["predictor"],
+        # A session log recorded before the key existed predicted from the axis alone.
+        predictor_inputs=tr.get("predictor_inputs", "axis"),
         prior_gain=tuple(tr["gain"]),
         prior_offset_mm=tuple(tr["offset_mm"]),
         use_prior=tr["use_prior"],
@@ -49,7 +51,8 @@ def gate_settings(cfg: dict[str, Any]) -> GateSettings:
         breath_hold_tolerance_mm=g["breath_hold_tolerance_mm"],
         min_stable_s=g["min_stable_s"],
         debounce_samples=g["debounce_samples"],
-        hold_while_prediction_learns=g["hold_while_prediction_learns"],
+        # A session log recorded before the key existed gated while the predictor learnt.
+        hold_while_prediction_learns=g.get("hold_while_prediction_learns", False),
         dwell_mm=g["dwell_mm"],
         dwell_s=g["dwell_s"],
     )

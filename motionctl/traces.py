@@ -38,7 +38,14 @@ from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["KNOWN_FORMATS", "Trace", "TraceFormatError", "breathing_signal", "read_trace"]
+__all__ = [
+    "KNOWN_FORMATS",
+    "Trace",
+    "TraceFormatError",
+    "breathing_inputs",
+    "breathing_signal",
+    "read_trace",
+]
 
 # What `read_trace` recognises, as listed in the error for a file of unknown format.
 KNOWN_FORMATS: tuple[str, ...] = (
@@ -625,6 +632,30 @@ def breathing_signal(trace: Trace, axis: str | int | None = None) -> tuple[np.nd
     read-only array; ``value_mm`` is a new array. Raises ValueError for an axis that does
     not apply to the trace.
     """
+    column = _breathing_column(trace, axis)
+    return trace.t_s, np.where(trace.valid, trace.values[:, column], np.nan)
+
+
+def breathing_inputs(
+    trace: Trace, axis: str | int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(t_s, value_mm, aux_mm)``: the breathing signal of ``breathing_signal`` and, as
+    extra predictor inputs, the trace's other position axes (shape (N, k): the two other
+    translations of a 3-D or 6-DoF trace or marker, none for a 1-D trace; rotations are
+    left out). The same marker's other axes move with the breathing and carry its phase
+    (the loop between them), which a predictor of the breathing axis can use. NaN where the
+    sample is invalid, as the value."""
+    column = _breathing_column(trace, axis)
+    t, value = trace.t_s, np.where(trace.valid, trace.values[:, column], np.nan)
+    others = [c for c in range(min(3, trace.values.shape[1])) if c != column]
+    if trace.kind == "1d" or column >= 3:
+        others = []
+    aux = np.where(trace.valid[:, None], trace.values[:, others], np.nan)
+    return t, value, aux
+
+
+def _breathing_column(trace: Trace, axis: str | int | None) -> int:
+    """The column of ``trace.values`` that ``breathing_signal`` takes (see there)."""
     k = trace.values.shape[1]
     if isinstance(axis, str):
         if trace.kind not in ("6dof", "3d"):
@@ -633,20 +664,17 @@ def breathing_signal(trace: Trace, axis: str | int | None = None) -> tuple[np.nd
             )
         if axis.upper() not in _IEC_AXES:
             raise ValueError(f"axis {axis!r} is not one of {', '.join(_IEC_AXES)}")
-        column = _IEC_AXES[axis.upper()]
-    elif axis is not None:
+        return _IEC_AXES[axis.upper()]
+    if axis is not None:
         if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not 0 <= axis < k:
             raise ValueError(f"axis {axis!r} is not a column index 0..{k - 1} of this trace")
-        column = int(axis)
-    elif trace.kind in ("6dof", "3d"):
-        column = _IEC_AXES["SI"]
-    elif trace.kind == "1d":
-        column = 0
-    elif trace.kind == "marker3d":
+        return int(axis)
+    if trace.kind in ("6dof", "3d"):
+        return _IEC_AXES["SI"]
+    if trace.kind == "1d":
+        return 0
+    if trace.kind == "marker3d":
         if not trace.valid.any():
             raise ValueError(f"{trace.source}: no valid sample to choose the breathing axis from")
-        column = int(np.argmax(np.var(trace.values[trace.valid], axis=0)))
-    else:
-        raise ValueError(f"{trace.source}: unknown trace kind {trace.kind!r}")
-    value = np.where(trace.valid, trace.values[:, column], np.nan)
-    return trace.t_s, value
+        return int(np.argmax(np.var(trace.values[trace.valid], axis=0)))
+    raise ValueError(f"{trace.source}: unknown trace kind {trace.kind!r}")

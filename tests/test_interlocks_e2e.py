@@ -113,9 +113,10 @@ class _BlowingUpPredictor:
         self.resets = 0
         self.name = inner.name
         self.horizon_s = inner.horizon_s
+        self.aux_channels = inner.aux_channels
 
-    def step(self, value: float) -> float:
-        predicted = self._inner.step(value)
+    def step(self, value: float, aux=None) -> float:
+        predicted = self._inner.step(value, aux)
         return math.inf if self.armed.is_set() else predicted
 
     def reset(self) -> None:

@@ -373,3 +373,155 @@ def test_default_beats_nlms_on_a_lark_liver_trace():
     nlms = evaluate_predictor(t, x, 0.4, "nlms")
     assert default["relative_rmse"] < nlms["relative_rmse"]
     assert default["relative_rmse"] < 0.6
+
+
+# -- extra input channels (aux) ----------------------------------------------------------------
+
+AUX_LEARNING = ["ridge", "analogue", "ensemble"]  # the predictors that use aux channels
+
+
+def irregular_breathing(rate_hz: float, seconds: float = 120.0, lead_s: float = 0.4, seed=3):
+    """A breathing-like signal whose period and amplitude wander (hard to predict from its
+    own past), and the same signal ``lead_s`` ahead: an extra channel that leads the main
+    one by exactly the horizon. Returns t, x (main), lead (the leading channel)."""
+    fine = 100.0
+    n = int((seconds + lead_s + 1.0) * fine)
+    rng = np.random.default_rng(seed)
+
+    def wander(sd: float, tau_s: float) -> np.ndarray:
+        e = rng.normal(0.0, 1.0, n)
+        a = math.exp(-1.0 / (tau_s * fine))
+        y = np.zeros(n)
+        for i in range(1, n):
+            y[i] = a * y[i - 1] + e[i]
+        return sd * y / y.std()
+
+    period_s = 4.0 * np.exp(wander(0.2, 8.0))
+    amplitude = 5.0 * np.exp(wander(0.3, 8.0))
+    s = amplitude * np.sin(np.cumsum(2 * np.pi / period_s / fine)) + 12.0
+    idx = np.arange(0, int(seconds * fine), round(fine / rate_hz))
+    return idx / fine, s[idx], s[idx + round(lead_s * fine)]
+
+
+def run_aux(predictor: Predictor, x, aux) -> np.ndarray:
+    return np.array([predictor.step(float(v), a) for v, a in zip(x, aux.tolist(), strict=True)])
+
+
+@pytest.mark.parametrize("name", PREDICTORS)
+def test_aux_channels_zero_is_the_1d_predictor(name):
+    t, x = cos4_breathing(10.0, seconds=60.0)
+    plain = make_predictor(name, 10.0, 0.4)
+    zero = make_predictor(name, 10.0, 0.4, aux_channels=0)
+    assert plain.aux_channels == zero.aux_channels == 0
+    junk = np.random.default_rng(4).normal(0.0, 3.0, (x.size, 2))  # ignored with 0 channels
+    assert np.array_equal(run(plain, x), run_aux(zero, x, junk))
+
+
+@pytest.mark.parametrize("name", PREDICTORS)
+def test_aux_channels_is_exposed_and_checked(name):
+    assert make_predictor(name, 10.0, 0.4, aux_channels=3).aux_channels == 3
+    assert isinstance(make_predictor(name, 10.0, 0.4, aux_channels=3), Predictor)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="aux_channels"):
+            make_predictor(name, 10.0, 0.4, aux_channels=bad)
+
+
+@pytest.mark.parametrize("rate_hz", [10.0, 30.0])
+@pytest.mark.parametrize("name", ["ensemble", "ridge"])
+def test_a_leading_aux_channel_improves_the_prediction(name, rate_hz):
+    t, x, lead = irregular_breathing(rate_hz)
+    alone = evaluate_predictor(t, x, 0.4, name)["relative_rmse"]
+    helped = evaluate_predictor(t, x, 0.4, name, aux=lead[:, None])["relative_rmse"]
+    assert alone > 0.2  # the signal is not predictable from its own past alone
+    assert helped < 0.5 * alone
+
+
+def test_a_leading_aux_channel_improves_the_analogue():
+    t, x, lead = irregular_breathing(10.0)
+    alone = evaluate_predictor(t, x, 0.4, "analogue")["relative_rmse"]
+    helped = evaluate_predictor(t, x, 0.4, "analogue", aux=lead[:, None])["relative_rmse"]
+    assert helped < 0.75 * alone
+
+
+@pytest.mark.parametrize("name", AUX_LEARNING)
+def test_an_uninformative_aux_channel_costs_little(name):
+    t, x = cos4_breathing(10.0, seconds=120.0, noise_mm=0.3)
+    alone = evaluate_predictor(t, x, 0.4, name)["relative_rmse"]
+    constant = np.full((t.size, 1), -490.0)
+    assert evaluate_predictor(t, x, 0.4, name, aux=constant)["relative_rmse"] <= alone + 0.01
+    noise = np.random.default_rng(5).normal(0.0, 0.3, (t.size, 2))
+    assert evaluate_predictor(t, x, 0.4, name, aux=noise)["relative_rmse"] <= alone + 0.03
+
+
+@pytest.mark.parametrize("name", PREDICTORS)
+def test_bad_aux_is_refused_without_changing_the_state(name):
+    t, x = cos4_breathing(10.0, seconds=40.0)
+    aux = np.column_stack([np.sin(t), np.cos(t)])
+    p = make_predictor(name, 10.0, 0.4, aux_channels=2)
+    reference = make_predictor(name, 10.0, 0.4, aux_channels=2)
+    run_aux(p, x[:200], aux[:200])
+    run_aux(reference, x[:200], aux[:200])
+    for bad in (None, [1.0], [1.0, 2.0, 3.0], 5.0):
+        with pytest.raises(ValueError, match="expected 2"):
+            p.step(1.0, bad)
+    for bad in ([math.nan, 1.0], [1.0, math.inf], np.array([0.0, -math.inf])):
+        with pytest.raises(ValueError, match="non-finite"):
+            p.step(1.0, bad)
+    assert np.array_equal(run_aux(p, x[200:], aux[200:]), run_aux(reference, x[200:], aux[200:]))
+
+
+@pytest.mark.parametrize("name", AUX_LEARNING)
+def test_huge_aux_latches_diverged_until_reset(name):
+    t, x = cos4_breathing(10.0, seconds=30.0)
+    p = make_predictor(name, 10.0, 0.4, aux_channels=1)
+    run_aux(p, x, x[:, None])
+    assert p.step(float(x[-1]), [1e12]) == float(x[-1])
+    assert p.diverged
+    p.reset()
+    assert not p.diverged
+
+
+@pytest.mark.parametrize("rate_hz", [10.0, 25.0])
+@pytest.mark.parametrize("name", AUX_LEARNING)
+def test_aux_is_used_causally(name, rate_hz):
+    """Changing the aux channels after sample n0 leaves every prediction up to n0 as is."""
+    t, x, lead = irregular_breathing(rate_hz, seconds=60.0)
+    aux = np.column_stack([lead, 0.5 * x + 3.0])
+    n0 = int(45.0 * rate_hz)
+    changed = aux.copy()
+    changed[n0 + 1 :] += np.random.default_rng(6).normal(0.0, 5.0, changed[n0 + 1 :].shape)
+    a = run_aux(make_predictor(name, rate_hz, 0.4, aux_channels=2), x, aux)
+    b = run_aux(make_predictor(name, rate_hz, 0.4, aux_channels=2), x, changed)
+    assert np.array_equal(a[: n0 + 1], b[: n0 + 1])
+    assert not np.array_equal(a[n0 + 1 :], b[n0 + 1 :])  # the perturbation did reach it
+
+
+def test_evaluate_treats_a_nan_aux_row_as_a_nan_sample():
+    t, x, lead = irregular_breathing(10.0, seconds=90.0)
+    aux = np.column_stack([lead, x + 1.0])
+    aux_gaps = aux.copy()
+    aux_gaps[400:410, 0] = np.nan
+    aux_gaps[500, 1] = np.nan
+    x_gaps = x.copy()
+    x_gaps[400:410] = np.nan
+    x_gaps[500] = np.nan
+    by_aux = evaluate_predictor(t, x, 0.4, DEFAULT_PREDICTOR, aux=aux_gaps)
+    by_x = evaluate_predictor(t, x_gaps, 0.4, DEFAULT_PREDICTOR, aux=aux)
+    clean = evaluate_predictor(t, x, 0.4, DEFAULT_PREDICTOR, aux=aux)
+    assert by_aux["n_resets"] == 2
+    assert by_aux["n_scored"] < clean["n_scored"]
+    for key in by_aux:
+        if "us_per_sample" not in key:
+            assert by_aux[key] == by_x[key], key
+
+
+def test_evaluate_checks_the_aux_shape():
+    t, x = cos4_breathing(10.0, seconds=40.0)
+    for bad in (x, np.zeros((x.size - 1, 2)), np.zeros((x.size, 2, 1))):
+        with pytest.raises(ValueError, match="aux"):
+            evaluate_predictor(t, x, 0.4, DEFAULT_PREDICTOR, aux=bad)
+    with pytest.raises(ValueError, match="aux"):
+        evaluate_predictor(t, x, 0.4, "ridge", aux=np.zeros((x.size, 1)), aux_channels=1)
+    # predictor params still reach the constructor alongside aux
+    result = evaluate_predictor(t, x, 0.4, "analogue", aux=np.zeros((x.size, 1)), k=8)
+    assert np.isfinite(result["relative_rmse"])

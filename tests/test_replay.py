@@ -16,10 +16,12 @@ import pytest
 from motionctl.config import ConfigError, load_config
 from motionctl.controller import Controller, OperatorCommand
 from motionctl.integrity import verify
-from motionctl.replay import ReplayRefused, format_result, replay
+from motionctl.replay import ReplayRefused, format_result, replay, stale_timeouts
+from motionctl.session import SessionCore
 from motionctl.sessionlog import LogFormatError, SessionLogWriter
 from motionctl.simulators.patient import patient_from_config
 from motionctl.simulators.rig import Rig
+from motionctl.types import SurrogateSample
 
 WINDOW_CHANGE = (-1.5, 4.0)
 
@@ -212,6 +214,38 @@ def test_a_log_without_decisions_replays_as_a_what_if(tmp_path):
     assert result.residual_samples > 0
     narrower = replay(path, ["gating.window_mm=2.0"])
     assert narrower.duty_cycle < result.duty_cycle
+
+
+def test_a_log_recorded_before_newer_settings_replays_as_recorded(tmp_path):
+    # Its config lacks tracking.predictor_inputs and gating.hold_while_prediction_learns:
+    # it predicted from the breathing axis alone and gated while the predictor learnt.
+    cfg = load_config(None, ["devices.xray.enabled=false"])
+    del cfg["tracking"]["predictor_inputs"], cfg["gating"]["hold_while_prediction_learns"]
+    path = tmp_path / "old.sqlite"
+    writer = SessionLogWriter(path, cfg, t0=0.0)
+    writer.device("surface", "igtl_tracker", "synthetic")
+    core = SessionCore(cfg, writer.add, stale_timeout_s=stale_timeouts(cfg))
+    assert core.estimator.predictor.aux_channels == 0
+    on = []
+
+    def decide(t: float, latency: float | None) -> None:  # as the controller records it
+        decision = core.decide(t, latency is not None)
+        if decision is not None:
+            on.append(decision.beam_enabled and t < 14.0)
+            writer.add("decisions", (t, int(decision.beam_enabled), decision.reason_text, latency))
+
+    core.on_command(0.0, OperatorCommand("enable", who="test"))
+    decide(0.0, None)
+    patient = patient_from_config(cfg["patient"])
+    for k in range(600):  # 20 s
+        t = k / 30.0
+        core.on_surrogate(SurrogateSample("surface", k, t, t, patient.state(t).surrogate_mm))
+        decide(t + 1e-4, 1e-4)
+    writer.close()
+    assert any(on)  # beam on while a new default would still hold for prediction_learning
+    result = replay(path)
+    assert not result.what_if and result.decisions_compared > 0
+    assert result.divergences == 0, result.first_divergence
 
 
 def test_a_truncated_log_is_refused_with_the_byte(tmp_path):

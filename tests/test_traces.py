@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from motionctl.traces import (
     KNOWN_FORMATS,
     Trace,
     TraceFormatError,
+    breathing_inputs,
     breathing_signal,
     read_trace,
 )
@@ -491,6 +493,23 @@ def test_breathing_signal_of_1d_trace_and_rpm_gaps_as_nan(tmp_path):
     assert len(t) == len(value) == 5  # invalid samples are kept, as NaN
     np.testing.assert_allclose(value, [-6.249, -6.198, np.nan, np.nan, 2.0])
     assert not np.isnan(rpm.values).any()  # the trace itself keeps what was recorded
+
+
+def test_breathing_inputs_add_the_other_translations_as_nan_where_invalid(tmp_path):
+    trace = read_trace(write(tmp_path, "0 1 2 3 4 5 6\n0.2 7 8 9 10 11 12\n"))
+    t, value, aux = breathing_inputs(trace)
+    np.testing.assert_array_equal(value, breathing_signal(trace)[1])
+    np.testing.assert_array_equal(aux, [[1, 3], [7, 9]])  # LR, AP; not the rotations
+    np.testing.assert_array_equal(breathing_inputs(trace, "LR")[2], [[2, 3], [8, 9]])
+    assert breathing_inputs(trace, 4)[2].shape == (2, 0)  # a rotation: no position partners
+    rpm = read_trace(write(tmp_path, VXP_16_HEADER + VXP_16_ROWS, "a.vxp"))
+    assert breathing_inputs(rpm)[2].shape == (5, 0)  # 1-D
+    marker = read_trace(write(tmp_path, EXTMARKER, "m.csv"))
+    t, value, aux = breathing_inputs(marker)
+    np.testing.assert_array_equal(value, breathing_signal(marker)[1])
+    assert aux.shape == (5, 2) and not np.isin(value, aux).all()
+    cut = dataclasses.replace(marker, valid=np.array([True, False, True, True, True]))
+    assert np.isnan(breathing_inputs(cut)[2][1]).all()
 
 
 def test_breathing_signal_of_camera_frame_takes_largest_variance(tmp_path):
