@@ -294,7 +294,7 @@ class OraclePredictor:
         self._sign, self._h, self.horizon_s = sign, horizon, horizon_s
         self._k = -1
 
-    def step(self, value: float) -> float:
+    def step(self, value: float, aux=None) -> float:  # the marker's other axes: not needed
         self._k += 1
         k, n = self._k, len(self._s)
         return value + self._sign * (self._s[min(k + self._h, n - 1)] - self._s[min(k, n - 1)])
@@ -303,6 +303,7 @@ class OraclePredictor:
         pass
 
     diverged = False
+    ready = True  # nothing to learn
 
 
 def run_case(
