@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -216,6 +217,7 @@ class RemoteSource:
 
 def _console_process(conn, cfg: dict[str, Any], options: dict[str, Any]) -> None:
     """The child process: the console window over a ``RemoteSource``."""
+    import pyqtgraph
     from PyQt6.QtCore import QTimer
 
     from motionctl.gui.console import ConsoleWindow, application, run_window
@@ -236,7 +238,14 @@ def _console_process(conn, cfg: dict[str, Any], options: dict[str, Any]) -> None
     run_window(window, screenshot=options["screenshot"], report=figures.update)
     source._send(("figures", figures))  # noqa: SLF001 - its own source
     conn.close()
-    del app
+    app.processEvents()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Its work is done (screenshot saved, figures sent). Leave without letting the
+    # interpreter destroy the Qt and pyqtgraph objects in its own order: that crashed the
+    # process now and then (exit code -11 after a complete run, seen under load).
+    # pyqtgraph.exit() runs the atexit callbacks, closes the files and calls os._exit(0).
+    pyqtgraph.exit()
 
 
 def run_isolated(
