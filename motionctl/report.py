@@ -115,6 +115,7 @@ GATE_REASONS = {
     "estimate_invalid": "the tracker could not vouch for its estimate",
     "outside_phase_window": "the breathing phase is outside the phase window",
     "phase_unknown": "the breathing phase is not known yet",
+    "prediction_learning": "the predictor is still learning the breathing (start or gap)",
     "no_breath_hold_reference": "no breath-hold reference captured",
     "breath_hold_level_unknown": "the breath-hold level is not known",
     "outside_breath_hold_tolerance": "the breath-hold level is outside its tolerance",
