@@ -525,3 +525,143 @@ def test_evaluate_checks_the_aux_shape():
     # predictor params still reach the constructor alongside aux
     result = evaluate_predictor(t, x, 0.4, "analogue", aux=np.zeros((x.size, 1)), k=8)
     assert np.isfinite(result["relative_rmse"])
+
+
+# -- elastic analogue queries -----------------------------------------------------------------
+
+
+def varying_breathing(rate_hz: float, seconds: float = 150.0, seed: int = 1):
+    """cos^4 breathing whose period is drawn afresh for every breath, uniformly in
+    3.6-4.4 s: the library rarely holds a twin of the current breath at its own speed."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(0.0, seconds, 1.0 / rate_hz)
+    starts = np.cumsum(np.concatenate([[0.0], rng.uniform(3.6, 4.4, int(seconds / 3.6) + 2)]))
+    j = np.searchsorted(starts, t, side="right") - 1
+    phase = j + (t - starts[j]) / (starts[j + 1] - starts[j])
+    x = -490.0 - 15.0 * np.cos(np.pi * phase) ** 4
+    return t, x + rng.normal(0.0, 0.1, t.size)
+
+
+def analogue_reference(x, rate_hz, H, first, speeds, queries, k=16, decay_s=0.3):
+    """The analogue predictor written out naively (10 Hz: 0.2 s blocks of two samples, a
+    sample per learning tick, a memory longer than the trace): the library holds the 2 s
+    embedding of every sample ``m >= first`` and ``x[m + H] - x[m]``; a query at ``n``
+    embeds ``x`` around ``n`` at every speed (block edges ``s * j * 0.2 s``, the running sum
+    interpolated linearly in between), takes the k nearest over all speeds and averages
+    their futures with the Gaussian kernel."""
+    nb, step = 10, 0.2 * rate_hz
+    sw = np.sqrt(np.exp(-(np.arange(nb) + 0.5) * 0.2 / decay_s))
+    x0 = x - x[0]
+    cs = np.cumsum(x0)
+
+    def embed(m, s):
+        e = s * step * np.arange(nb + 1)  # block edges, samples back
+        sums = np.interp(m - e, np.arange(m + 1), cs[: m + 1])
+        return sw * (x0[m] - (sums[:-1] - sums[1:]) / np.diff(e))
+
+    out = []
+    for n in queries:
+        lib = np.array([embed(m, 1.0) for m in range(first, n - H + 1)])
+        fut = np.array([x[m + H] - x[m] for m in range(first, n - H + 1)])
+        d = np.concatenate([((lib - embed(n, s)) ** 2).sum(axis=1) for s in speeds])
+        near = np.argsort(d)[:k]
+        w = np.exp(-d[near] / d[near].max())
+        out.append(x[n] + w @ fut[near % len(fut)] / w.sum())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("speeds", [(1.0,), (0.9, 1.0, 1.11)])
+def test_analogue_is_the_method_of_analogues_at_every_speed(speeds):
+    """speeds=(1.0,) is the non-elastic analogue; the elastic one searches all speeds."""
+    t, x = varying_breathing(10.0, seconds=50.0, seed=4)
+    p = make_predictor("analogue", 10.0, 0.2, speeds=speeds)  # H = 2
+    assert p.speeds == speeds
+    y = run(p, x)
+    first = p._need - 1 - p.H  # the first sample learned from
+    queries = list(range(300, 500, 13))
+    ref = analogue_reference(x, 10.0, p.H, first, speeds, queries)
+    assert np.allclose(y[queries], ref, rtol=0.0, atol=1e-9)
+    # and the other speeds change the answer
+    other = (0.9, 1.0, 1.11) if speeds == (1.0,) else (1.0,)
+    assert not np.allclose(analogue_reference(x, 10.0, p.H, first, other, queries), ref)
+
+
+@pytest.mark.parametrize("rate_hz", [7.0, 10.0, 30.0])
+def test_scaled_features_interpolate_the_running_sums(rate_hz):
+    from motionctl.prediction import _DelayLine
+
+    tap = 0.2
+    n_taps = 10
+    dl = _DelayLine(rate_hz, tap, n_taps, 3)
+    speeds = (0.8, 1.0, 1.25)
+    dl.set_speeds(speeds, n_taps)
+    x = np.random.default_rng(8).normal(0.0, 5.0, 200) + 100.0
+    out = np.zeros((3, n_taps))
+    z = np.zeros(n_taps)
+    cs = np.cumsum(x - x[0])
+    step = max(tap * rate_hz, 1.0)
+    for n, v in enumerate(x):
+        dl.push(float(v))
+        if not dl.full:
+            continue
+        dl.scaled_features(out)
+        for row, s in zip(out, speeds, strict=True):
+            e = s * step * np.arange(n_taps + 1)
+            sums = np.interp(n - e, np.arange(n + 1), cs[: n + 1])
+            expected = (x[n] - x[0]) - (sums[:-1] - sums[1:]) / np.diff(e)
+            assert np.allclose(row, expected, rtol=0.0, atol=1e-9)
+        if step == round(step):  # whole-sample blocks: speed 1 is features()
+            dl.features(0, z)
+            assert np.allclose(out[1], z, rtol=0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("rate_hz", [5.0, 10.0, 30.0])
+def test_elastic_queries_help_when_the_period_varies_by_breath(rate_hz):
+    t, x = varying_breathing(rate_hz)
+    plain = evaluate_predictor(t, x, 0.4, "ensemble", speeds=(1.0,))["relative_rmse"]
+    elastic = evaluate_predictor(t, x, 0.4, "ensemble")["relative_rmse"]  # the default
+    assert make_predictor("ensemble", rate_hz, 0.4).speeds == (0.9, 1.0, 1.11)
+    assert elastic < 0.95 * plain
+
+
+@pytest.mark.parametrize("rate_hz", [10.0, 30.0])
+@pytest.mark.parametrize("name", ["analogue", "ensemble"])
+def test_elastic_queries_are_causal(name, rate_hz):
+    """Changing the signal and the aux channels after n0 leaves the predictions up to n0."""
+    t, x, lead = irregular_breathing(rate_hz, seconds=60.0)
+    aux = np.column_stack([lead, 0.5 * x + 3.0])
+    n0 = int(45.0 * rate_hz)
+    rng = np.random.default_rng(9)
+    x2, aux2 = x.copy(), aux.copy()
+    x2[n0 + 1 :] += rng.normal(0.0, 5.0, x2.size - n0 - 1)
+    aux2[n0 + 1 :] += rng.normal(0.0, 5.0, aux2[n0 + 1 :].shape)
+    for a, b in [(aux, aux2), (None, None)]:
+        k = 0 if a is None else 2
+        p = make_predictor(name, rate_hz, 0.4, aux_channels=k, speeds=(0.8, 1.0, 1.25))
+        q = make_predictor(name, rate_hz, 0.4, aux_channels=k, speeds=(0.8, 1.0, 1.25))
+        y1 = run(p, x) if a is None else run_aux(p, x, a)
+        y2 = run(q, x2) if b is None else run_aux(q, x2, b)
+        assert p.ready
+        assert np.array_equal(y1[: n0 + 1], y2[: n0 + 1])
+        assert not np.array_equal(y1[n0 + 1 :], y2[n0 + 1 :])
+
+
+@pytest.mark.parametrize("name", ["analogue", "ensemble"])
+def test_bad_speeds_are_refused(name):
+    for bad in [
+        (),
+        (0.9, 1.1),  # 1.0 missing
+        (1.0, 1.0),
+        (1.0, 0.0),
+        (1.0, -0.9),
+        (1.0, math.nan),
+        (1.0, math.inf),
+        (1.0, 3.0),
+        (1.0, True),
+        1.0,
+        "1.0",
+        None,
+    ]:
+        with pytest.raises(ValueError, match="speeds"):
+            make_predictor(name, 10.0, 0.4, speeds=bad)
+    assert make_predictor(name, 10.0, 0.4, speeds=[1.1, 1.0]).speeds == (1.1, 1.0)
