@@ -302,6 +302,8 @@ class OraclePredictor:
     def reset(self) -> None:  # the sample count goes on: it is the clock
         pass
 
+    restart = reset
+
     diverged = False
     ready = True  # nothing to learn
 

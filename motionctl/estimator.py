@@ -255,7 +255,10 @@ class MotionEstimator:
         return math.sqrt(self._pred_err2)
 
     def _restart(self) -> None:
-        self.predictor.reset()
+        # The samples before a gap, a jump or invalid data no longer continue into the new
+        # ones; the breathing the predictor learnt is still this patient's (it relearns
+        # from nothing only after a divergence).
+        self.predictor.restart()
         self.history.clear()
         self._past = [None] * len(self._past)
         self._pred_err2, self._pred_err_n = 0.0, 0

@@ -14,8 +14,8 @@ Gating modes (``GateSettings.mode``):
 
 Where the gate uses the predicted position (amplitude with ``source = "predicted"``,
 breath-hold on position) it holds with ``prediction_learning`` while the predictor is still
-learning the breathing (after the start, a gap or a reset): its output is then the current
-position, a system latency late, and a beam gated on it would lag every window edge
+learning the breathing (after the start, a gap or a divergence): its output is then the
+current position, a system latency late, and a beam gated on it would lag every window edge
 (``hold_while_prediction_learns = false`` gates on it all the same).
 
 The beam is enabled only while the operator has enabled it, no interlock is active, and

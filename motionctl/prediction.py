@@ -82,13 +82,14 @@ distances) plus a gather per delay line; the search runs on the ~10 Hz learning 
 extra channels the mean cost went from 24 to 34 us per sample with three speeds (p99
 per trace at most ~260 us). ``bench/bench_prediction.py`` measures it.
 
-Safety: ``step`` refuses non-finite input, in ``value`` or in ``aux`` (the caller resets
+Safety: ``step`` refuses non-finite input, in ``value`` or in ``aux`` (the caller restarts
 the predictor across invalid data), and an ``aux`` of the wrong length. Until a model has
 learned from ``_MIN_LEARNING_S`` of data (and filled its delay vector) the prediction is
-the current value (``ready`` is False). ``diverged`` latches when the input (or an extra
-channel) leaves any physical range, the state turns non-finite, or the recent error is
-several times that of no prediction; a diverged predictor returns the current value until
-``reset()``.
+the current value (``ready`` is False). ``restart()`` (a gap, a jump, invalid samples)
+empties the delay vector and keeps what was learnt: ``ready`` again once it has refilled.
+``diverged`` latches when the input (or an extra channel) leaves any physical range, the
+state turns non-finite, or the recent error is several times that of no prediction; a
+diverged predictor returns the current value until ``reset()``.
 """
 
 from __future__ import annotations
@@ -128,7 +129,13 @@ class Predictor(Protocol):
         ...
 
     def reset(self) -> None:
-        """Forget everything (after a gap or invalid data)."""
+        """Forget everything (after a divergence)."""
+        ...
+
+    def restart(self) -> None:
+        """Forget the recent samples but keep what was learnt (after a gap, a jump or
+        invalid data: the delay vector no longer describes one stretch of breathing, the
+        patient's breathing is still the one learnt)."""
         ...
 
     @property
@@ -636,6 +643,9 @@ class NoPredictor:
     def reset(self) -> None:
         self._diverged = False
 
+    def restart(self) -> None:
+        self.reset()
+
     @property
     def diverged(self) -> bool:
         return self._diverged
@@ -796,6 +806,23 @@ class _FeaturePredictor:
         self._slot = 0
         self._sums_version = -1  # the ridge weights that _sums_model was made from
 
+    def restart(self) -> None:
+        """Refill the delay vector, keeping the learners (the ridge's statistics, the
+        analogue library) and the divergence monitor. Until the vector is full again (its
+        span plus the horizon: about 4.4 s for the default, against the 14 s of learning
+        from nothing) the prediction is the current value and ``ready`` is False. A gap in
+        the surrogate need not cost the patient's learnt breathing; a divergence does
+        (``reset``)."""
+        if self._bad:
+            self.reset()
+            return
+        self.dl.reset()
+        for aux_dl in self._aux_dls:
+            aux_dl.reset()
+        self._since_tick = 0
+        self._past = [math.nan] * len(self._past)
+        self._slot = 0
+
     @property
     def diverged(self) -> bool:
         return self._bad
@@ -804,7 +831,9 @@ class _FeaturePredictor:
     def ready(self) -> bool:
         """True once predictions come from the learned model (not the current value); at
         horizon 0 the current value is the prediction."""
-        return not self._bad and (self.H == 0 or self._ticks >= self._min_ticks)
+        return not self._bad and (
+            self.H == 0 or (self._ticks >= self._min_ticks and self.dl.count >= self._need)
+        )
 
     def step(self, value: float, aux: Sequence[float] | None = None) -> float:
         v = float(value)
@@ -1122,6 +1151,13 @@ class EnsemblePredictor(_FeaturePredictor):
         self._n_mse = 0
         self._correction = math.nan  # analogue - ridge at the last search
 
+    def restart(self) -> None:
+        super().restart()
+        h = len(self._past)
+        self._past_ridge = [math.nan] * h
+        self._past_analogue = [math.nan] * h
+        self._correction = math.nan  # the last search was before the gap
+
     def _score(self, realised: float) -> None:
         slot = self._slot  # the slot of the prediction made H samples ago
         a = self._past_ridge[slot]
@@ -1189,21 +1225,23 @@ def evaluate_predictor(
 ) -> dict:
     """Causal evaluation of one predictor on one uniformly sampled trace.
 
-    ``rate = 1 / median(dt)``; ``step()`` runs over every sample in order and the prediction
-    made at n is compared with ``x[n + H]``. A NaN sample resets the predictor; a pair is
-    scored only if no sample from n to n + H is NaN and ``t[n] >= t[0] + warmup_s``.
+        ``rate = 1 / median(dt)``; ``step()`` runs over every sample in order and the prediction
+        made at n is compared with ``x[n + H]``. A run of NaN samples restarts the predictor
+    (``restart``: it keeps what it learnt, as in the estimator); a pair is
+        scored only if no sample from n to n + H is NaN and ``t[n] >= t[0] + warmup_s``.
 
-    Returns: ``rmse_mm``; ``relative_rmse`` = RMSE / RMSE of no prediction (``x[n]`` for
-    ``x[n+H]``) over the same pairs; ``p95_mm`` (95th percentile of |error|); ``jitter_mm``
-    (mean |y[n+1] - y[n]| of consecutive predictions in the scored range, Ernst 2013);
-    ``mean_us_per_sample`` and ``p99_us_per_sample`` (wall time of ``step()``); plus
-    ``rate_hz``, ``horizon_samples``, ``n_scored``, ``n_resets`` and ``n_diverged`` (samples
-    at which the predictor reported ``diverged``; it is then reset, as the estimator does).
-    ``params`` go to the predictor's constructor (for sensitivity studies).
+        Returns: ``rmse_mm``; ``relative_rmse`` = RMSE / RMSE of no prediction (``x[n]`` for
+        ``x[n+H]``) over the same pairs; ``p95_mm`` (95th percentile of |error|); ``jitter_mm``
+        (mean |y[n+1] - y[n]| of consecutive predictions in the scored range, Ernst 2013);
+        ``mean_us_per_sample`` and ``p99_us_per_sample`` (wall time of ``step()``); plus
+        ``rate_hz``, ``horizon_samples``, ``n_scored``, ``n_resets`` (restarts) and
+        ``n_diverged`` (samples at which the predictor reported ``diverged``; it is then
+        reset, as the estimator does).
+        ``params`` go to the predictor's constructor (for sensitivity studies).
 
-    ``aux`` (optional, shape ``(N, k)``): k extra channels sampled with ``x`` (same rows);
-    the predictor is built with ``aux_channels=k`` and gets row n with ``x[n]``. A row with
-    any NaN in it counts as a NaN sample: reset across it, pairs touching it not scored.
+        ``aux`` (optional, shape ``(N, k)``): k extra channels sampled with ``x`` (same rows);
+        the predictor is built with ``aux_channels=k`` and gets row n with ``x[n]``. A row with
+        any NaN in it counts as a NaN sample: reset across it, pairs touching it not scored.
     """
     t_s = np.asarray(t_s, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
@@ -1236,7 +1274,7 @@ def evaluate_predictor(
     for i in range(n):
         if not finite[i]:
             if was_valid:
-                predictor.reset()
+                predictor.restart()  # as the estimator does across invalid samples
                 resets += 1
             was_valid = False
             continue

@@ -53,7 +53,7 @@ class MotionEstimate:
     model: str = "none"  # which correlation model produced it ("prior" before X-rays)
     surrogate_mm: float = math.nan  # the processed surrogate (breathing axis, inhale +)
     predicted_phase: float = math.nan  # the phase at t + horizon (phase + horizon / period)
-    # False while the predictor is still learning (after the start, a gap or a reset):
+    # False while the predictor is still learning (after the start, a gap or a divergence):
     # predicted_mm is then the current position, one system latency late.
     prediction_ready: bool = True
 

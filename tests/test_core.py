@@ -282,10 +282,15 @@ def test_the_gate_holds_while_the_predictor_learns():
     assert all(d.reasons == ("prediction_learning",) for t, d in decisions if t < first_on)
     assert all(d.beam_enabled for t, d in decisions if t >= first_on)
     assert core.status.estimate.prediction_ready
-    # a gap in the surrogate restarts the predictor: the gate holds until it has learnt again
+    # a gap in the surrogate restarts the predictor: the gate holds until its delay vector
+    # has refilled (4 s + the horizon), keeping what it learnt (not another 14 s)
     after_gap = _breathe(core, 26.0, 3.0, i0=len(decisions))
     assert not core.status.estimate.prediction_ready
     assert after_gap[-1][1].reasons == ("prediction_learning",)
+    later = _breathe(core, 29.0, 3.0, i0=len(decisions) + len(after_gap))
+    back_on = next(t for t, d in later if d.beam_enabled)
+    assert 26.0 + 4.0 < back_on < 26.0 + 5.0
+    assert core.status.estimate.prediction_ready
     # ... and gates on the current position meanwhile only when told to
     core = _core(debounce_samples=1, hold_while_prediction_learns=False)
     decisions = _breathe(core, 0.0, 3.0)

@@ -123,6 +123,9 @@ class _BlowingUpPredictor:
         self.resets += 1
         self._inner.reset()
 
+    def restart(self) -> None:
+        self._inner.restart()
+
     @property
     def diverged(self) -> bool:
         return self._inner.diverged
@@ -151,7 +154,9 @@ def test_predictor_divergence_holds_within_50_ms_and_resets_the_predictor(sessio
     assert s.rig.linac.wait_for_edge(True, after=t_end, timeout=3.0) is not None
     s.close()
     t0 = s.writer.t0
-    raised = _raised(s.path, "predictor_diverged", t_fault - t0, t_end - t0)
+    # A sample received just before the fault but handled after it (the queue lags under
+    # load) raises the interlock at its receipt time, a little before t_fault.
+    raised = _raised(s.path, "predictor_diverged", t_fault - t0 - 0.2, t_end - t0)
     assert raised == ["predictor_diverged predictor_diverged"], raised
 
 

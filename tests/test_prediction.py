@@ -292,6 +292,8 @@ class _RampExtrapolator:
     def reset(self):
         self._prev = None
 
+    restart = reset
+
     @property
     def diverged(self):
         return False
@@ -665,3 +667,45 @@ def test_bad_speeds_are_refused(name):
         with pytest.raises(ValueError, match="speeds"):
             make_predictor(name, 10.0, 0.4, speeds=bad)
     assert make_predictor(name, 10.0, 0.4, speeds=[1.1, 1.0]).speeds == (1.1, 1.0)
+
+
+@pytest.mark.parametrize("name", ["ridge", "analogue", "ensemble"])
+def test_restart_refills_the_delay_vector_and_keeps_what_was_learnt(name):
+    rate, H = 10.0, 4
+    t, x = cos4_breathing(rate, seconds=80.0)
+    p = make_predictor(name, rate, 0.4)
+    run(p, x[:400])  # 40 s: learnt
+    assert p.ready
+    p.restart()  # a gap
+    assert not p.ready
+    after, ready = [], []
+    for v in x[400:]:
+        after.append(p.step(float(v)))
+        ready.append(p.ready)
+    after = np.array(after)
+    # ready again once the delay vector has refilled (its 4 s span plus the horizon), not
+    # after the 14 s of learning from nothing
+    ready_at = ready.index(True) / rate
+    assert ready_at <= 4.6, ready_at
+    # ... with what it learnt before the gap: 5-12 s after it, far better than no
+    # prediction, which is all a fresh predictor gives there
+    k = np.arange(round(5 * rate), round(12 * rate))
+    err = after[k] - x[400 + k + H]
+    none = x[400 + k] - x[400 + k + H]
+    assert np.sqrt(np.mean(err**2)) < 0.5 * np.sqrt(np.mean(none**2))
+    fresh = run(make_predictor(name, rate, 0.4), x[400:])
+    np.testing.assert_array_equal(fresh[k], x[400 + k])
+    p.reset()
+    assert not p.ready
+
+
+def test_restart_of_a_diverged_predictor_forgets_everything():
+    p = make_predictor("ensemble", 10.0, 0.4)
+    t, x = cos4_breathing(10.0, seconds=40.0)
+    run(p, x)
+    p.step(2e6)  # beyond any physical range: diverged
+    assert p.diverged
+    p.restart()
+    assert not p.diverged and not p.ready
+    run(p, x[:60])  # the delay vector refilled, but nothing learnt: still not ready
+    assert not p.ready
