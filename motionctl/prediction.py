@@ -412,7 +412,7 @@ class _RidgeLearner:
         self.r = np.zeros(p)
         self.w = np.zeros(p)
         self._A = np.zeros((p, p))
-        self._diag = self._A.reshape(-1)[:: p + 1]  # a view: the diagonal of _A
+        self._diag_idx = np.arange(p)
         self._outer = np.zeros((p, p))
         self._zy = np.zeros(p)
         self.reset()
@@ -437,7 +437,8 @@ class _RidgeLearner:
         self.ticks += 1
         if self.ticks % self.refit_ticks == 0:
             np.copyto(self._A, self.R)
-            self._diag += self.alpha * float(np.trace(self.R)) / self.p + 1e-12
+            d = self._diag_idx
+            self._A[d, d] += self.alpha * float(np.trace(self.R)) / self.p + 1e-12
             try:
                 w = np.linalg.solve(self._A, self.r)
             except np.linalg.LinAlgError:
@@ -538,10 +539,7 @@ class _AnalogueLearner:
             self.zs = np.zeros((n_speeds - 1, n))
             self._q = np.zeros((n_speeds, n))  # weighted queries, speed 1 first
             self._dd = np.zeros((n_speeds, memory))
-            self._dd_flat = self._dd.reshape(-1)  # a view
-            self._lib_t = self.lib.T  # a view
             self._q2 = np.zeros(n_speeds)
-            self._q2_col = self._q2[:, None]  # a view
         self.reset()
 
     def reset(self) -> None:
@@ -598,11 +596,13 @@ class _AnalogueLearner:
         np.multiply(zn, self.sw, out=q[0])
         np.multiply(self.zs, self.sw, out=q[1:])
         dd = self._dd
-        np.dot(q, self._lib_t, out=dd)
+        # views made here, not kept: a kept view would not survive copy.deepcopy (the copy
+        # of a view is a separate array)
+        np.dot(q, self.lib.T, out=dd)
         dd += self.norm2
         np.einsum("ij,ij->i", q, q, out=self._q2)
-        dd += self._q2_col  # full squared distances
-        d = self._dd_flat
+        dd += self._q2[:, None]  # full squared distances
+        d = dd.reshape(-1)
         idx = np.argpartition(d, self.k - 1)[: self.k]
         dk = d[idx]
         width = max(float(dk[-1]), 0.0) + 1e-12  # the k-th smallest, as in predict
@@ -706,16 +706,20 @@ class _FeaturePredictor:
         p = self.n_taps + 1 + k * self.n_aux_taps
         self._z = np.zeros(p)  # features now (entry n_taps: bias 1; then the aux channels)
         self._zl = np.zeros(p)  # features of the sample H ago
-        offsets = [self.n_taps + 1 + c * self.n_aux_taps for c in range(k)]
-        self._z_aux = tuple(self._z[o : o + self.n_aux_taps] for o in offsets)
-        self._zl_aux = tuple(self._zl[o : o + self.n_aux_taps] for o in offsets)
+        # each aux channel's slice of the feature vectors (as bounds: views kept as
+        # attributes would not survive copy.deepcopy)
+        self._aux_cols = tuple(
+            (o, o + self.n_aux_taps)
+            for o in (self.n_taps + 1 + c * self.n_aux_taps for c in range(k))
+        )
         self._w_aux = np.zeros(p - self.n_taps - 1)  # the ridge's aux weights, in this layout
         self._aux_sums_models: list[tuple[np.ndarray, float]] = []
         self._div_lam = _half_life_factor(_DIVERGED_HALF_LIFE_S, 1.0 / self.rate_hz)
         self._div_after = round(2.0 * _DIVERGED_HALF_LIFE_S * self.rate_hz)
         self._min_ticks = math.ceil(_MIN_LEARNING_S / self.tick_interval_s - 1e-9)
-        # (delay line, rows of the analogue's elastic query) pairs, set by _make_analogue
-        self._scaled: tuple[tuple[_DelayLine, np.ndarray], ...] = ()
+        # (delay line, first, last column of the analogue's elastic query rows), set by
+        # _make_analogue
+        self._scaled: tuple[tuple[_DelayLine, int, int], ...] = ()
         self._learners = self._build()
         # samples needed before features(H) (and the elastic queries, which may reach
         # further back and grow the lines in _build) are defined on every delay line
@@ -732,17 +736,19 @@ class _FeaturePredictor:
         raise NotImplementedError
 
     def _features_now(self) -> np.ndarray:
-        self.dl.features(0, self._z)
+        z = self._z
+        self.dl.features(0, z)
         if self._aux_dls:
-            for aux_dl, out in zip(self._aux_dls, self._z_aux, strict=True):
-                aux_dl.features(0, out)
-        return self._z
+            for aux_dl, (a, b) in zip(self._aux_dls, self._aux_cols, strict=True):
+                aux_dl.features(0, z[a:b])
+        return z
 
     def _analogue_now(self, analogue: _AnalogueLearner) -> float:
         """``analogue.predict`` of the newest sample, at every speed."""
         z = self._features_now()
-        for dl, out in self._scaled:
-            dl.scaled_features(out)
+        zs = analogue.zs if self._scaled else None
+        for dl, a, b in self._scaled:
+            dl.scaled_features(zs[:, a:b])
         return analogue.predict(z)
 
     def _aux_sel(self, n_main: int, n_aux: int, bias: bool) -> np.ndarray | None:
@@ -866,8 +872,9 @@ class _FeaturePredictor:
             self._since_tick = 0
             y = x_now - dl.features(H, self._zl)
             if self._aux_dls:
-                for aux_dl, out in zip(self._aux_dls, self._zl_aux, strict=True):
-                    aux_dl.features(H, out)
+                zl = self._zl
+                for aux_dl, (a, b) in zip(self._aux_dls, self._aux_cols, strict=True):
+                    aux_dl.features(H, zl[a:b])
             for learner in self._learners:
                 learner.learn(self._zl, y)
                 if not learner.ok:
@@ -1033,11 +1040,11 @@ def _make_analogue(
         # query rows at the other speeds (and keeps the history the fastest one needs)
         others = tuple(s for s in speeds if s != 1.0)  # speed 1 is the query row 0
         owner.dl.set_speeds(others, n)
-        parts = [(owner.dl, learner.zs[:, :n])]
+        parts = [(owner.dl, 0, n)]
         for c, aux_dl in enumerate(owner._aux_dls):
             aux_dl.set_speeds(others, n_aux)
             o = n + c * n_aux
-            parts.append((aux_dl, learner.zs[:, o : o + n_aux]))
+            parts.append((aux_dl, o, o + n_aux))
         owner._scaled = tuple(parts)
     return learner
 

@@ -4,6 +4,7 @@ bench/bench_prediction.py; here one real trace only checks the ranking default >
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -709,3 +710,25 @@ def test_restart_of_a_diverged_predictor_forgets_everything():
     assert not p.diverged and not p.ready
     run(p, x[:60])  # the delay vector refilled, but nothing learnt: still not ready
     assert not p.ready
+
+
+@pytest.mark.parametrize("aux_channels", [0, 2])
+def test_a_deep_copy_predicts_as_the_original(aux_channels):
+    # The scenario bench clones a warmed session core with copy.deepcopy; a predictor that
+    # kept numpy views as attributes lost them in the copy (a copied view is a separate
+    # array) and diverged at its first sample.
+    t, x = cos4_breathing(30.0, seconds=40.0)
+    aux = np.column_stack([np.roll(x, 5), -x]) if aux_channels else None
+
+    def feed(p, a, b):
+        out = []
+        for i in range(a, b):
+            row = None if aux is None else list(aux[i])
+            out.append(p.step(float(x[i]), row))
+        return np.array(out)
+
+    original = make_predictor("ensemble", 30.0, 0.4, aux_channels=aux_channels)
+    feed(original, 0, 900)  # 30 s: learnt
+    copy_ = copy.deepcopy(original)
+    np.testing.assert_array_equal(feed(copy_, 900, 1200), feed(original, 900, 1200))
+    assert not copy_.diverged
