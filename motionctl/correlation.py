@@ -205,6 +205,8 @@ class SurrogateHistory:
     empty history or a time outside it.
     """
 
+    _RESUM_EVERY = 32  # appends between exact recomputations of the running window sums
+
     def __init__(
         self,
         span_s: float = 4.0,
@@ -225,6 +227,24 @@ class SurrogateHistory:
         if not (0 <= smoothing_window_s < span_s):
             raise ValueError(f"smoothing_window_s must be in [0, span_s), got {smoothing_window_s}")
         self.smoothing_window_s = float(smoothing_window_s)
+        self._lo_v = -self.velocity_window_s - _TIME_EPS
+        self._lo_s = -self.smoothing_window_s - _TIME_EPS
+        self._reset_windows()
+
+    def _reset_windows(self) -> None:
+        # Running sums (count, sum dt, sum s, sum dt^2, sum dt s; dt relative to the newest
+        # sample) of the velocity (v) and smoothing (w) windows ending at the newest sample,
+        # and how many of the newest samples each holds: ``features()`` is O(1) per sample.
+        # Recomputed exactly every _RESUM_EVERY appends (and when a window is down to the
+        # newest sample), so rounding cannot accumulate.
+        # (values relative to _s_ref, the newest sample at the last recomputation, so that a
+        # large offset costs no precision)
+        self._s_ref = 0.0
+        self._vsum = (0, 0.0, 0.0, 0.0, 0.0)
+        self._wsum = (0, 0.0, 0.0, 0.0, 0.0)
+        self._vn = 0
+        self._wn = 0
+        self._since_resum = 0
 
     @classmethod
     def for_params(
@@ -244,6 +264,7 @@ class SurrogateHistory:
     def clear(self) -> None:
         self._n = 0
         self._head = -1
+        self._reset_windows()
 
     def append(self, t: float, s: float) -> None:
         if not (math.isfinite(t) and math.isfinite(s)):
@@ -252,11 +273,72 @@ class SurrogateHistory:
             raise ValueError(
                 f"surrogate sample time {t!r} s is not after the newest {self._t[self._head]!r} s"
             )
+        t = float(t)
+        s = float(s)
+        if self._n == self._cap and max(self._vn, self._wn) >= self._cap:
+            # a window holds the sample about to be overwritten (an extreme rate)
+            self._since_resum = self._RESUM_EVERY
+        if self._n:
+            d = t - self._t[self._head]  # shift the sums' origin to the new sample
+            x = s - self._s_ref
+            m, st, sv, stt, sts = self._vsum
+            self._vsum = (m + 1, st - m * d, sv + x, stt - d * (2.0 * st - m * d), sts - d * sv)
+            m, st, sv, stt, sts = self._wsum
+            self._wsum = (m + 1, st - m * d, sv + x, stt - d * (2.0 * st - m * d), sts - d * sv)
         self._head = (self._head + 1) % self._cap
-        self._t[self._head] = float(t)
-        self._s[self._head] = float(s)
+        self._t[self._head] = t
+        self._s[self._head] = s
         if self._n < self._cap:
             self._n += 1
+        self._since_resum += 1
+        if self._since_resum >= self._RESUM_EVERY:
+            self._resum()
+            return
+        self._vn += 1
+        self._wn += 1
+        self._vsum, self._vn = self._trim(self._vsum, self._vn, self._lo_v, t, s)
+        self._wsum, self._wn = self._trim(self._wsum, self._wn, self._lo_s, t, s)
+
+    def _trim(
+        self, sums: tuple, count: int, lo: float, t_end: float, s_end: float
+    ) -> tuple[tuple, int]:
+        """Drop the window's oldest samples while they are older than ``lo`` (and beyond
+        the samples held)."""
+        ts, ss, cap, head, ref = self._t, self._s, self._cap, self._head, self._s_ref
+        m, st, sv, stt, sts = sums
+        while count > 1:
+            i = (head - count + 1) % cap
+            dt = ts[i] - t_end
+            if dt >= lo and count <= self._n:
+                break
+            x = ss[i] - ref
+            m, st, sv, stt, sts = m - 1, st - dt, sv - x, stt - dt * dt, sts - dt * x
+            count -= 1
+        if count == 1:
+            return (1, 0.0, s_end - ref, 0.0, 0.0), 1
+        return (m, st, sv, stt, sts), count
+
+    def _resum(self) -> None:
+        """Both windows' sums afresh from the samples (as ``_features_of(0)`` scans them)."""
+        self._since_resum = 0
+        ts, ss, cap, n, head = self._t, self._s, self._cap, self._n, self._head
+        t_end = ts[head]
+        ref = self._s_ref = ss[head]
+        for lo, name in ((self._lo_v, "v"), (self._lo_s, "w")):
+            m, st, sv, stt, sts = 1, 0.0, 0.0, 0.0, 0.0
+            j = 1
+            while j < n:
+                i = (head - j) % cap
+                dt = ts[i] - t_end
+                if dt < lo:
+                    break
+                x = ss[i] - ref
+                m, st, sv, stt, sts = m + 1, st + dt, sv + x, stt + dt * dt, sts + dt * x
+                j += 1
+            if name == "v":
+                self._vsum, self._vn = (m, st, sv, stt, sts), j
+            else:
+                self._wsum, self._wn = (m, st, sv, stt, sts), j
 
     # index k = 0 is the newest sample, k = n - 1 the oldest
     def _idx(self, k: int) -> int:
@@ -301,12 +383,31 @@ class SurrogateHistory:
     def features(self) -> ModelFeatures:
         """Features at the newest sample."""
         self._require()
-        return self._features_of(0)
+        # the running sums of append(): equal to _features_of(0) up to rounding
+        head = self._head
+        t_end = self._t[head]
+        vm, vt, vs, vtt, vts = self._vsum
+        if vm < 2 and self._vn < self._n:  # sparse samples: the nearest older sample
+            i = (head - self._vn) % self._cap
+            dt, x = self._t[i] - t_end, self._s[i] - self._s_ref
+            vm, vt, vs, vtt, vts = 2, vt + dt, vs + x, vtt + dt * dt, vts + dt * x
+        slope = _fit(vm, vt, vs, vtt, vts)[1]
+        if self.smoothing_window_s > 0:
+            wm, wt, ws, wtt, wts = self._wsum
+            if wm < 2 and self._wn < self._n:
+                i = (head - self._wn) % self._cap
+                dt, x = self._t[i] - t_end, self._s[i] - self._s_ref
+                wm, wt, ws, wtt, wts = 2, wt + dt, ws + x, wtt + dt * dt, wts + dt * x
+            value = self._s_ref + _fit(wm, wt, ws, wtt, wts)[0]
+        else:
+            value = self._s[head]
+        return ModelFeatures(value, slope, t_end)
 
     def _features_of(self, k: int) -> ModelFeatures:
         """The velocity line and the smoothing line ending at sample k, in one pass over the
-        samples (the sums and the sparse-sample rule of ``_line_ending_at``, inlined: this
-        runs at every surrogate sample)."""
+        samples (the sums and the sparse-sample rule of ``_line_ending_at``, inlined).
+        ``features()`` gets the same lines (up to rounding) from the running sums that
+        ``append`` keeps; this scan serves ``features_at`` and the exact recomputations."""
         ts, ss, cap, n, head = self._t, self._s, self._cap, self._n, self._head
         i = (head - k) % cap
         t_end = ts[i]

@@ -77,10 +77,12 @@ Cost: a handful of small numpy operations per sample on preallocated buffers; a 
 ridge solve every 0.2 s, not every sample (21 + 5 k with k extra channels, which roughly
 doubles the cost per sample at k = 2). The elastic query multiplies the neighbour search
 by the number of speeds (an (S x D) by (D x 1200) product and a partial sort of S x 1200
-distances) plus a gather per delay line; the search runs on the ~10 Hz learning ticks only
+distances) plus one gather; the search runs on the ~10 Hz learning ticks only
 (above 10 Hz the ensemble holds the analogue's correction in between), so at 30 Hz with 2
 extra channels the mean cost went from 24 to 34 us per sample with three speeds (p99
-per trace at most ~260 us). ``bench/bench_prediction.py`` measures it.
+per trace at most ~260 us). ``bench/bench_prediction.py`` measures it. The main and the
+extra channels share one delay line (one ring position, one gather per query), which
+brought that 34 us down to about 21 us.
 
 Safety: ``step`` refuses non-finite input, in ``value`` or in ``aux`` (the caller restarts
 the predictor across invalid data), and an ``aux`` of the wrong length. Until a model has
@@ -101,6 +103,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from scipy.linalg import lapack
+
+_gesv = lapack.dgesv
 
 __all__ = [
     "DEFAULT_PREDICTOR",
@@ -178,6 +183,9 @@ _AUX_RIDGE_SPAN_S = 1.0
 # slower twin" is another breathing pattern, and the delay lines would need long histories.
 DEFAULT_SPEEDS = (0.9, 1.0, 1.11)
 _MIN_SPEED = 0.5
+# the squared norm of an empty analogue library slot in the elastic query's matrix product
+# (finite: never chosen, as the query needs 2 k filled slots, and no inf * 0 in the product)
+_EMPTY_NORM2 = 1.0e300
 _MAX_SPEED = 2.0
 
 
@@ -239,146 +247,256 @@ def _half_life_factor(half_life_s: float, interval_s: float) -> float:
 
 
 class _DelayLine:
-    """Recent samples and their running sum in a mirrored ring buffer.
+    """Recent samples of the main channel (and of ``n_aux`` extra channels) and their
+    running sums in one mirrored ring buffer.
 
-    ``features(back)`` returns, for the sample ``back`` steps ago, the increments
+    ``features(back, out)`` fills, for the sample ``back`` steps ago, the increments
     ``x[n-back] - mean(block j)`` for ``n_taps`` consecutive blocks of ``tap_s`` seconds
-    going back from that sample (block 0 contains the sample itself). Block edges are whole
+    going back from that sample (block 0 contains the sample itself), then (with
+    ``n_aux``) each extra channel's ``aux_taps`` increments; with ``bias`` an entry 1 sits
+    between the main channel's and the extra channels' entries. Block edges are whole
     samples, so at 5 Hz a 0.2 s block is one sample and at 30 Hz six. The ring is mirrored
-    (each value stored twice) so every look-back is one contiguous index range.
+    (each time stored twice) so every look-back is one contiguous index range.
 
-    Values are stored minus the first sample after a reset, so a large constant offset (an
-    IR marker at -490 mm in camera coordinates) costs no precision in the running sum.
+    The channels are pushed and reset together, so they share one ring position: time
+    ``i`` is row ``i`` of the buffer (flattened), holding the samples of every channel,
+    then their running sums. A query gathers what it needs of every channel with one
+    ``take`` from a window ending at the newest row, with index arrays fixed at
+    construction (and ``set_speeds``).
+
+    Values are stored minus the first sample after a reset (per channel), so a large
+    constant offset (an IR marker at -490 mm in camera coordinates) costs no precision in
+    the running sum.
     """
 
-    def __init__(self, rate_hz: float, tap_s: float, n_taps: int, max_back: int):
+    def __init__(
+        self,
+        rate_hz: float,
+        tap_s: float,
+        n_taps: int,
+        max_back: int,
+        n_aux: int = 0,
+        aux_taps: int = 0,
+        bias: bool = False,
+    ):
         step = max(tap_s * rate_hz, 1.0)  # a block is at least one sample
-        edges = [0]
-        for j in range(1, n_taps + 1):
-            edges.append(max(edges[-1] + 1, math.floor(j * step + 0.5)))
-        self.edges = np.asarray(edges, dtype=np.intp)
+        self._step = step
+        self.edges = self._edges(n_taps)
         self.inv_len = 1.0 / np.diff(self.edges).astype(np.float64)
         self.n_taps = n_taps
         self.max_back = max_back
-        self.size = int(self.edges[-1]) + max_back + 2
-        self._x = np.zeros(2 * self.size)
-        self._cs = np.zeros(2 * self.size)
-        # work buffers: one index array, gathered sums, block means, increments
-        self._idx = np.empty(n_taps + 1, dtype=np.intp)
-        self._sums = np.empty(n_taps + 1)
-        self._means = np.empty(n_taps)
-        self._step = step
+        self.n_aux = n_aux
+        self.aux_taps = aux_taps if n_aux else 0
+        C = 1 + n_aux
+        self.C = C
+        self.W = 2 * C  # row layout: the C samples, then the C running sums
+        # per channel: its block edges, the inverse block lengths, its first feature column
+        self._chans = [(self.edges, self.inv_len, 0)]
+        if n_aux:
+            e_aux = self._edges(aux_taps)
+            inv_aux = 1.0 / np.diff(e_aux).astype(np.float64)
+            first = n_taps + (1 if bias else 0)
+            self._chans += [(e_aux, inv_aux, first + c * aux_taps) for c in range(n_aux)]
+        self.n_features = n_taps + (1 if bias else 0) + n_aux * self.aux_taps
+        self._bias = n_taps if bias else -1
+        R = max(int(e[-1]) for e, _, _ in self._chans)  # the oldest edge read by features
+        self._reach_f = R
+        self.size = R + max_back + 2
+        W = self.W
+        # features: gather (3, n_features) from the window of rows p - R .. p (p: the
+        # anchor sample): running sums at the near and far edge of each block, the sample
+        f_idx = np.zeros((3, self.n_features), dtype=np.intp)
+        f_inv = np.zeros(self.n_features)  # 0 at the bias column (set to 1 afterwards)
+        f_idx[:, :] = R * W  # the bias column reads the main sample
+        # linear models on the sums: each channel's sample, then its sums at every edge
+        lin = [R * W + c for c in range(C)]
+        nf = self.n_features
+        chan = np.zeros((C, nf))  # each channel's feature columns
+        prev: list[int] = []  # coefficient of the sum at edge j: a[j - 1] - a[j] (a: w / len)
+        cur: list[int] = []  # (index nf: 0, before the first and after the last block)
+        for c, (e, inv, first) in enumerate(self._chans):
+            n = e.size - 1
+            cols = slice(first, first + n)
+            f_idx[0, cols] = (R - e[:-1]) * W + C + c
+            f_idx[1, cols] = (R - e[1:]) * W + C + c
+            f_idx[2, cols] = R * W + c
+            f_inv[cols] = inv
+            lin.extend((R - e) * W + C + c)
+            chan[c, cols] = 1.0
+            prev.extend([nf] + list(range(first, first + n)))
+            cur.extend(list(range(first, first + n)) + [nf])
+        self._lin_chan = chan
+        self._lin_prev = np.asarray(prev, dtype=np.intp)
+        self._lin_cur = np.asarray(cur, dtype=np.intp)
+        self._lin_a = np.zeros(nf + 1)
+        self._f_idx = f_idx
+        self._f_inv = f_inv
+        self._f_g = np.zeros((3, self.n_features))
+        self._f_m = np.zeros(self.n_features)
+        self._lin_idx = np.asarray(lin, dtype=np.intp)
+        self._lin_g = np.zeros(self._lin_idx.size)
+        self._row = np.zeros(W)  # the newest row: samples, running sums
+        self._org = np.zeros(C)
+        self._buf = np.zeros(2 * self.size * W)
         self.n_scaled = 0  # speeds of scaled_features (see set_speeds): none yet
         self.reset()
 
-    def set_speeds(self, speeds: Sequence[float], n: int) -> None:
-        """Prepare ``scaled_features`` for the playback ``speeds`` and the first ``n``
-        blocks, and grow the ring to the history that the fastest speed reads. Call before
-        any sample (it clears the line).
+    def _edges(self, n_taps: int) -> np.ndarray:
+        edges = [0]
+        for j in range(1, n_taps + 1):
+            edges.append(max(edges[-1] + 1, math.floor(j * self._step + 0.5)))
+        return np.asarray(edges, dtype=np.intp)
+
+    def set_speeds(self, speeds: Sequence[float], n: int, n_aux_taps: int = 0) -> None:
+        """Prepare ``scaled_features`` for the playback ``speeds``, the first ``n`` blocks
+        of the main channel and the first ``n_aux_taps`` of each extra channel, and grow the
+        ring to the history that the fastest speed reads. Call before any sample (it clears
+        the line).
 
         At speed ``s`` block ``j`` spans ``s * j * tap`` to ``s * (j + 1) * tap`` back, in
         fractional samples: the running sum at a fractional edge ``e = i + f`` is the linear
         interpolation ``(1 - f) cs[i] + f cs[i + 1]`` (``cs[i]``: the sum up to ``i``
         samples back), i.e. a block mean whose edge samples count in part. The integer
-        offsets and weights are fixed here; a query is then a gather and a few vector
+        offsets and weights are fixed here; a query is then one gather and a few vector
         operations on preallocated arrays."""
-        S = len(speeds)
-        edges = np.asarray(speeds, dtype=np.float64)[:, None] * (self._step * np.arange(n + 1))
-        i0 = np.floor(edges).astype(np.intp)
-        frac = edges - i0
-        reach = int(i0.max()) + 1  # the oldest sample read, in samples back
+        sp = np.asarray(speeds, dtype=np.float64)[:, None]
+        # (channel, blocks read): the main channel's n, each extra channel's n_aux_taps
+        parts = [(0, n)] + [(c, n_aux_taps) for c in range(1, self.C)]
+        i0s, fracs, invs, chans = [], [], [], []
+        for c, m in parts:
+            edges = sp * (self._step * np.arange(m + 1))
+            i0 = np.floor(edges).astype(np.intp)
+            i0s.append(i0)
+            fracs.append(edges - i0)
+            invs.append(1.0 / np.diff(edges, axis=1))
+            chans.append(np.full(m, c, dtype=np.intp))
+        reach = max(int(i0.max()) for i0 in i0s) + 1  # the oldest sample read, back
         # as features(): at least two spare slots beyond the oldest sample read
         self.size = max(self.size, reach + 2)
-        self._x = np.zeros(2 * self.size)
-        self._cs = np.zeros(2 * self.size)
+        self._buf = np.zeros(2 * self.size * self.W)
         self._reach = reach
-        # gather from the window cs[p - reach : p + 1] (p: the newest sample), whose index
-        # reach - i is i samples back: first the sums at i0, then at i0 + 1
-        self._s_idx = np.concatenate([reach - i0, reach - i0 - 1]).reshape(2, S, n + 1)
-        self._s_w = np.concatenate([1.0 - frac, frac]).reshape(2, S, n + 1)
-        self._s_inv_len = 1.0 / np.diff(edges, axis=1)
-        self._s_g = np.empty((2, S, n + 1))
-        self._s_sums = np.empty((S, n + 1))
-        self._s_means = np.empty((S, n))
+        W, C = self.W, self.C
+        lo = np.concatenate([i0[:, :-1] for i0 in i0s], axis=1)  # (S, N): near edges
+        hi = np.concatenate([i0[:, 1:] for i0 in i0s], axis=1)  # far edges
+        f_lo = np.concatenate([f[:, :-1] for f in fracs], axis=1)
+        f_hi = np.concatenate([f[:, 1:] for f in fracs], axis=1)
+        ch = np.broadcast_to(np.concatenate(chans), lo.shape)
+        # from the window of rows p - reach .. p: sums at i0 and i0 + 1 back at the near
+        # edge, the same at the far edge, then the sample itself
+        self._s_idx = np.stack(
+            [
+                (reach - lo) * W + C + ch,
+                (reach - lo - 1) * W + C + ch,
+                (reach - hi) * W + C + ch,
+                (reach - hi - 1) * W + C + ch,
+                reach * W + ch,
+            ]
+        )
+        self._s_w = np.stack([1.0 - f_lo, f_lo, 1.0 - f_hi, f_hi])
+        self._s_inv_len = np.concatenate(invs, axis=1)
+        self._s_g = np.zeros(self._s_idx.shape)
+        self._s_a = np.zeros(lo.shape)
+        self._s_b = np.zeros(lo.shape)
         self.n_scaled = n
         self.reset()
 
     def scaled_features(self, out: np.ndarray) -> None:
-        """Fill ``out`` (``(len(speeds), n)``, any strides) with the increments of the newest
-        sample over the first ``n`` blocks at each speed of ``set_speeds``: ``features(0)``
-        with block edges ``s * j * tap`` instead of ``j * tap``."""
+        """Fill ``out`` (``(len(speeds), N)``, any strides) with the increments of the
+        newest sample over the blocks of ``set_speeds`` at each of its speeds (the main
+        channel's ``n``, then each extra channel's ``n_aux_taps``): ``features(0)`` with
+        block edges ``s * j * tap`` instead of ``j * tap``."""
         p = self.pos + self.size
+        W = self.W
         g = self._s_g
-        self._cs[p - self._reach : p + 1].take(self._s_idx, out=g)
-        g *= self._s_w
-        sums = self._s_sums
-        np.add(g[0], g[1], out=sums)
-        means = self._s_means
-        np.subtract(sums[:, :-1], sums[:, 1:], out=means)
-        means *= self._s_inv_len
-        np.subtract(self._x[p], means, out=out)
+        self._buf[(p - self._reach) * W : (p + 1) * W].take(self._s_idx, out=g)
+        w = self._s_w
+        np.multiply(g[:4], w, out=g[:4])
+        a = self._s_a
+        b = self._s_b
+        np.add(g[0], g[1], out=a)  # the running sums at the near edges
+        np.add(g[2], g[3], out=b)  # at the far edges
+        a -= b
+        a *= self._s_inv_len
+        np.subtract(g[4], a, out=out)
 
     def reset(self) -> None:
-        self._x.fill(0.0)
-        self._cs.fill(0.0)
+        self._buf.fill(0.0)
+        self._row.fill(0.0)
         self.pos = 0
         self.count = 0
         self.origin = 0.0
-        self._running = 0.0
 
     @property
     def full(self) -> bool:
         """Enough history for ``features(back)`` with any ``back <= max_back``."""
         return self.count >= self.size
 
-    def push(self, value: float) -> None:
+    def push(self, value: float, aux: Sequence[float] = ()) -> None:
+        """Append a sample of every channel (``aux``: the ``n_aux`` extra ones)."""
+        vals = [value, *aux] if self.n_aux else value
+        C = self.C
+        r = self._row
         if self.count == 0:
-            self.origin = value
-        v = value - self.origin
-        self._running += v
+            self._org[:] = vals
+            self.origin = float(self._org[0])
+        xs = r[:C]
+        np.subtract(vals, self._org, out=xs)
+        cs = r[C:]
+        cs += xs
         pos = self.pos + 1
         if pos == self.size:
             pos = 0
         self.pos = pos
-        self._x[pos] = v
-        self._x[pos + self.size] = v
-        self._cs[pos] = self._running
-        self._cs[pos + self.size] = self._running
+        W = self.W
+        buf = self._buf
+        o = pos * W
+        buf[o : o + W] = r
+        o += self.size * W
+        buf[o : o + W] = r
         self.count += 1
 
     def value(self, back: int = 0) -> float:
-        """The (origin-removed) sample ``back`` steps ago."""
-        return float(self._x[self.pos + self.size - back])
+        """The (origin-removed) main sample ``back`` steps ago."""
+        return float(self._buf[(self.pos + self.size - back) * self.W])
 
     def features(self, back: int, out: np.ndarray) -> float:
-        """Fill ``out[:n_taps]`` with the block increments at ``back``; return that sample."""
-        anchor = self.block_sums(back)
-        np.subtract(self._sums[:-1], self._sums[1:], out=self._means)
-        self._means *= self.inv_len
-        np.subtract(anchor, self._means, out=out[: self.n_taps])
-        return anchor
-
-    def block_sums(self, back: int) -> float:
-        """Gather the running sums at the block edges of the sample ``back`` steps ago into
-        ``self._sums``; return that sample (both origin-removed)."""
+        """Fill ``out[:n_features]`` with the block increments at ``back`` (the bias entry,
+        if any, with 1); return the main sample there."""
         p = self.pos + self.size - back
-        np.subtract(p, self.edges, out=self._idx)
-        self._cs.take(self._idx, out=self._sums)
-        return float(self._x[p])
+        W = self.W
+        g = self._f_g
+        self._buf[(p - self._reach_f) * W : (p + 1) * W].take(self._f_idx, out=g)
+        m = self._f_m
+        np.subtract(g[0], g[1], out=m)
+        m *= self._f_inv
+        np.subtract(g[2], m, out=out[: self.n_features])
+        if self._bias >= 0:
+            out[self._bias] = 1.0
+        return float(self._buf[p * W])
 
+    def linear_model(self, w: np.ndarray) -> tuple[np.ndarray, float]:
+        """A linear model on the features (the layout of ``features``, the bias entry
+        excluded), rewritten on the newest row and the running sums at the block edges:
+        ``w . z = coef . linear_sums()`` plus the bias weight, the block means telescoped
+        into ``coef``. Per sample that is one gather and one dot product instead of
+        building the features (the ridge is evaluated at every sample, refitted on
+        ticks)."""
+        coef = np.empty(self._lin_idx.size)
+        C = self.C
+        nf = self.n_features
+        a = self._lin_a  # a[nf] stays 0
+        np.multiply(w[:nf], self._f_inv, out=a[:nf])  # 0 at the bias column
+        np.dot(self._lin_chan, w[:nf], out=coef[:C])  # each channel's sample: sum of w
+        np.subtract(a.take(self._lin_prev), a.take(self._lin_cur), out=coef[C:])
+        return coef, (float(w[self._bias]) if self._bias >= 0 else 0.0)
 
-def _linear_on_sums(w: np.ndarray, dl: _DelayLine) -> tuple[np.ndarray, float, float]:
-    """A linear model on the features (block increments + bias), rewritten on the running
-    sums at the block edges: ``w . z = x W + b - c . sums`` with the block means
-    telescoped into ``c``. Per sample that is one gather and one dot product instead of
-    building the features (the ridge is evaluated at every sample, refitted on ticks)."""
-    n = dl.n_taps
-    a = w[:n] * dl.inv_len
-    c = np.empty(n + 1)
-    c[0] = a[0]
-    c[1:n] = a[1:] - a[:-1]
-    c[n] = -a[-1]
-    return c, float(w[:n].sum()), float(w[n])
+    def linear_sums(self) -> np.ndarray:
+        """The newest samples and running sums that ``linear_model`` coefficients weigh."""
+        p = self.pos + self.size
+        W = self.W
+        g = self._lin_g
+        self._buf[(p - self._reach_f) * W : (p + 1) * W].take(self._lin_idx, out=g)
+        return g
 
 
 # -- learners on block-increment features ------------------------------------------------------
@@ -412,7 +530,6 @@ class _RidgeLearner:
         self.r = np.zeros(p)
         self.w = np.zeros(p)
         self._A = np.zeros((p, p))
-        self._diag_idx = np.arange(p)
         self._outer = np.zeros((p, p))
         self._zy = np.zeros(p)
         self.reset()
@@ -436,12 +553,13 @@ class _RidgeLearner:
         self.r += self._zy
         self.ticks += 1
         if self.ticks % self.refit_ticks == 0:
-            np.copyto(self._A, self.R)
-            d = self._diag_idx
-            self._A[d, d] += self.alpha * float(np.trace(self.R)) / self.p + 1e-12
-            try:
-                w = np.linalg.solve(self._A, self.r)
-            except np.linalg.LinAlgError:
+            A = self._A
+            np.copyto(A, self.R)
+            # the diagonal as a strided view of the flat matrix (made here, not kept)
+            A.reshape(-1)[:: self.p + 1] += self.alpha * float(self.R.trace()) / self.p + 1e-12
+            # LAPACK's gesv, as np.linalg.solve, without its wrapper's overhead
+            w, info = _gesv(A, self.r)[2:]
+            if info != 0:  # singular (np.linalg.solve: LinAlgError)
                 self.ok = False
                 return
             if np.isfinite(w).all():
@@ -527,7 +645,9 @@ class _AnalogueLearner:
         self.k = k
         self.sw = weights
         self.memory = memory
-        self.lib = np.zeros((memory, n))  # -2 * embedding
+        # -2 * embedding; for elastic queries two more columns, |e|^2 (huge for empty
+        # slots) and 1, so that one matrix product gives the full squared distances
+        self.lib = np.zeros((memory, n + 2 if n_speeds > 1 else n))
         self.norm2 = np.full(memory, np.inf)
         self.fut = np.zeros(memory)
         self._e = np.zeros(n)
@@ -537,14 +657,18 @@ class _AnalogueLearner:
             # the query at the other speeds, unweighted, in the layout of z.take(sel): the
             # owner fills it before each predict (_DelayLine.scaled_features)
             self.zs = np.zeros((n_speeds - 1, n))
-            self._q = np.zeros((n_speeds, n))  # weighted queries, speed 1 first
+            # weighted queries, speed 1 first, then the columns 1 and |q|^2 (see lib)
+            self._q = np.zeros((n_speeds, n + 2))
+            self._q[:, n] = 1.0
             self._dd = np.zeros((n_speeds, memory))
-            self._q2 = np.zeros(n_speeds)
         self.reset()
 
     def reset(self) -> None:
         self.lib.fill(0.0)
         self.norm2.fill(np.inf)
+        if self.n_speeds > 1:
+            self.lib[:, self.n] = _EMPTY_NORM2
+            self.lib[:, self.n + 1] = 1.0
         self.fut.fill(0.0)
         self.count = 0
         self.slot = 0
@@ -559,8 +683,12 @@ class _AnalogueLearner:
         zn = z[: self.n] if self.sel is None else z.take(self.sel, out=self._zsel)
         np.multiply(zn, self.sw, out=e)
         slot = self.slot
-        np.multiply(e, -2.0, out=self.lib[slot])
-        self.norm2[slot] = float(np.dot(e, e))
+        n = self.n
+        np.multiply(e, -2.0, out=self.lib[slot, :n])
+        e2 = float(np.dot(e, e))
+        self.norm2[slot] = e2
+        if self.n_speeds > 1:
+            self.lib[slot, n] = e2
         self.fut[slot] = y
         self.slot = slot + 1 if slot + 1 < self.memory else 0
         if self.count < self.memory:
@@ -593,15 +721,15 @@ class _AnalogueLearner:
         ``i % memory``."""
         q = self._q
         zn = z[: self.n] if self.sel is None else z.take(self.sel, out=self._zsel)
-        np.multiply(zn, self.sw, out=q[0])
-        np.multiply(self.zs, self.sw, out=q[1:])
+        n = self.n
+        np.multiply(zn, self.sw, out=q[0, :n])
+        np.multiply(self.zs, self.sw, out=q[1:, :n])
+        qn = q[:, :n]
+        np.einsum("ij,ij->i", qn, qn, out=q[:, n + 1])
         dd = self._dd
         # views made here, not kept: a kept view would not survive copy.deepcopy (the copy
         # of a view is a separate array)
-        np.dot(q, self.lib.T, out=dd)
-        dd += self.norm2
-        np.einsum("ij,ij->i", q, q, out=self._q2)
-        dd += self._q2[:, None]  # full squared distances
+        np.dot(q, self.lib.T, out=dd)  # |q|^2 - 2 q.l + |l|^2: full squared distances
         d = dd.reshape(-1)
         idx = np.argpartition(d, self.k - 1)[: self.k]
         dk = d[idx]
@@ -665,11 +793,11 @@ class _FeaturePredictor:
     Subclasses build their learners in ``_build`` and map learner outputs to one increment
     in ``_combine``.
 
-    Extra channels (``aux_channels = k > 0``): each has its own delay line of ``aux_span_s``
-    (None: the subclass ignores them; ``aux`` is still checked). The feature vectors are
-    laid out ``[main increments (n_taps), bias 1, channel 0 (n_aux_taps), channel 1, ...]``
-    so that with ``k = 0`` they are exactly the 1-D ones; learners pick their entries with
-    an index array (``sel``).
+    Extra channels (``aux_channels = k > 0``): the delay line also holds each one's last
+    ``aux_span_s`` (None: the subclass ignores them; ``aux`` is still checked). The feature
+    vectors are laid out ``[main increments (n_taps), bias 1, channel 0 (n_aux_taps),
+    channel 1, ...]`` so that with ``k = 0`` they are exactly the 1-D ones; learners pick
+    their entries with an index array (``sel``).
     """
 
     name = "?"
@@ -695,35 +823,31 @@ class _FeaturePredictor:
         self.horizon_samples = self.H
         self.tap_s = max(float(tap_s), 1.0 / self.rate_hz)  # a block is at least one sample
         self.n_taps = max(1, round(span_s / self.tap_s))
-        self.dl = _DelayLine(rate_hz, self.tap_s, self.n_taps, self.H)
         self.tick = max(1, round(tick_s * rate_hz))  # samples per learning tick
         self.tick_interval_s = self.tick / self.rate_hz
         k = self.aux_channels if aux_span_s is not None else 0
         self.n_aux_taps = max(1, round(aux_span_s / self.tap_s)) if k else 0
-        self._aux_dls = tuple(
-            _DelayLine(rate_hz, self.tap_s, self.n_aux_taps, self.H) for _ in range(k)
+        self._n_aux_read = k  # extra channels read (0 if the subclass ignores them)
+        # one delay line for the main and the extra channels: pushed and reset together
+        self.dl = _DelayLine(
+            rate_hz, self.tap_s, self.n_taps, self.H, k, self.n_aux_taps, bias=True
         )
         p = self.n_taps + 1 + k * self.n_aux_taps
         self._z = np.zeros(p)  # features now (entry n_taps: bias 1; then the aux channels)
         self._zl = np.zeros(p)  # features of the sample H ago
-        # each aux channel's slice of the feature vectors (as bounds: views kept as
-        # attributes would not survive copy.deepcopy)
-        self._aux_cols = tuple(
-            (o, o + self.n_aux_taps)
-            for o in (self.n_taps + 1 + c * self.n_aux_taps for c in range(k))
-        )
-        self._w_aux = np.zeros(p - self.n_taps - 1)  # the ridge's aux weights, in this layout
-        self._aux_sums_models: list[tuple[np.ndarray, float]] = []
+        self._w_full = np.zeros(p)  # the ridge's weights spread over this layout
+        self._ridge_coef = np.zeros(0)
+        self._ridge_bias = 0.0
         self._div_lam = _half_life_factor(_DIVERGED_HALF_LIFE_S, 1.0 / self.rate_hz)
         self._div_after = round(2.0 * _DIVERGED_HALF_LIFE_S * self.rate_hz)
         self._min_ticks = math.ceil(_MIN_LEARNING_S / self.tick_interval_s - 1e-9)
-        # (delay line, first, last column of the analogue's elastic query rows), set by
-        # _make_analogue
-        self._scaled: tuple[tuple[_DelayLine, int, int], ...] = ()
+        # the analogue's elastic query rows are filled by dl.scaled_features (set by
+        # _make_analogue)
+        self._scaled = False
         self._learners = self._build()
         # samples needed before features(H) (and the elastic queries, which may reach
-        # further back and grow the lines in _build) are defined on every delay line
-        self._need = max([self.dl.size] + [a.size for a in self._aux_dls])
+        # further back and grow the line in _build) are defined on every channel
+        self._need = self.dl.size
         self._past = [math.nan] * max(self.H, 1)
         self.reset()
 
@@ -738,26 +862,22 @@ class _FeaturePredictor:
     def _features_now(self) -> np.ndarray:
         z = self._z
         self.dl.features(0, z)
-        if self._aux_dls:
-            for aux_dl, (a, b) in zip(self._aux_dls, self._aux_cols, strict=True):
-                aux_dl.features(0, z[a:b])
         return z
 
     def _analogue_now(self, analogue: _AnalogueLearner) -> float:
         """``analogue.predict`` of the newest sample, at every speed."""
         z = self._features_now()
-        zs = analogue.zs if self._scaled else None
-        for dl, a, b in self._scaled:
-            dl.scaled_features(zs[:, a:b])
+        if self._scaled:
+            self.dl.scaled_features(analogue.zs)
         return analogue.predict(z)
 
     def _aux_sel(self, n_main: int, n_aux: int, bias: bool) -> np.ndarray | None:
         """Indices into the feature vector: the first ``n_main`` main entries (and the bias),
         then the first ``n_aux`` entries of each aux channel; None without aux channels."""
-        if not self._aux_dls:
+        if not self._n_aux_read:
             return None
         idx = list(range(n_main)) + ([self.n_taps] if bias else [])
-        for c in range(len(self._aux_dls)):
+        for c in range(self._n_aux_read):
             o = self.n_taps + 1 + c * self.n_aux_taps
             idx.extend(range(o, o + min(n_aux, self.n_aux_taps)))
         return np.asarray(idx, dtype=np.intp)
@@ -765,38 +885,20 @@ class _FeaturePredictor:
     def _ridge_now(self, ridge: _RidgeLearner) -> float:
         """``ridge.predict(features now)``, evaluated on the running sums."""
         if ridge.version != self._sums_version:
-            self._sums_model = _linear_on_sums(ridge.w, self.dl)  # reads w[: n_taps + 1]
-            if ridge.sel is not None:
-                self._aux_sums_models = self._aux_linear_on_sums(ridge)
+            w = self._w_full  # zero where the ridge reads no feature
+            if ridge.sel is None:
+                w[: ridge.p] = ridge.w
+            else:
+                w[ridge.sel] = ridge.w
+            self._ridge_coef, self._ridge_bias = self.dl.linear_model(w)
             self._sums_version = ridge.version
-        c, w_sum, bias = self._sums_model
-        x = self.dl.block_sums(0)
-        out = x * w_sum + bias - float(np.dot(c, self.dl._sums))
-        if ridge.sel is not None:
-            for aux_dl, (c, w_sum) in zip(self._aux_dls, self._aux_sums_models, strict=True):
-                out += aux_dl.block_sums(0) * w_sum - float(np.dot(c, aux_dl._sums))
-        return out
-
-    def _aux_linear_on_sums(self, ridge: _RidgeLearner) -> list[tuple[np.ndarray, float]]:
-        """The ridge's aux weights as one running-sums model per aux channel (no bias)."""
-        n = self.n_taps + 1
-        w_aux = self._w_aux  # spread over this predictor's layout (zero where unused)
-        w_aux[ridge.sel[n:] - n] = ridge.w[n:]
-        models = []
-        for j, aux_dl in enumerate(self._aux_dls):
-            w = np.zeros(self.n_aux_taps + 1)  # trailing bias weight 0
-            w[:-1] = w_aux[j * self.n_aux_taps : (j + 1) * self.n_aux_taps]
-            c, w_sum, _ = _linear_on_sums(w, aux_dl)
-            models.append((c, w_sum))
-        return models
+        return self._ridge_bias + float(np.dot(self._ridge_coef, self.dl.linear_sums()))
 
     def _score(self, realised: float) -> None:
         """Hook: the realised increment of the prediction made H samples ago."""
 
     def reset(self) -> None:
         self.dl.reset()
-        for aux_dl in self._aux_dls:
-            aux_dl.reset()
         for learner in self._learners:
             learner.reset()
         self._z.fill(0.0)
@@ -810,7 +912,7 @@ class _FeaturePredictor:
         self._scored = 0
         self._past = [math.nan] * len(self._past)
         self._slot = 0
-        self._sums_version = -1  # the ridge weights that _sums_model was made from
+        self._sums_version = -1  # the ridge weights that _ridge_coef was made from
 
     def restart(self) -> None:
         """Refill the delay vector, keeping the learners (the ridge's statistics, the
@@ -823,8 +925,6 @@ class _FeaturePredictor:
             self.reset()
             return
         self.dl.reset()
-        for aux_dl in self._aux_dls:
-            aux_dl.reset()
         self._since_tick = 0
         self._past = [math.nan] * len(self._past)
         self._slot = 0
@@ -845,23 +945,27 @@ class _FeaturePredictor:
         v = float(value)
         if not math.isfinite(v):
             raise ValueError(f"non-finite sample {value!r}: reset the predictor across it")
-        if self.aux_channels:
-            a = _aux_values(aux, self.aux_channels)  # checked before any state changes
-            if self._bad:
-                return v
-            if any(abs(u) > _MAX_ABS_INPUT_MM for u in a):
-                self._bad = True
-                return v
-            if self._aux_dls:  # empty if the subclass ignores the extra channels
-                for aux_dl, u in zip(self._aux_dls, a, strict=True):
-                    aux_dl.push(u)
+        k = self.aux_channels
+        if k:
+            # checked before any state changes (as _aux_values, which gives the errors)
+            if aux is None or not hasattr(aux, "__len__") or len(aux) != k:
+                _aux_values(aux, k)
+            a = [float(u) for u in aux]
+            for u in a:
+                if not -_MAX_ABS_INPUT_MM <= u <= _MAX_ABS_INPUT_MM:  # also NaN, inf
+                    _aux_values(a, k)  # raises if non-finite
+                    self._bad = True
+                    return v
         if self._bad:
             return v  # latched until reset(): the caller holds the beam and resets
-        if abs(v) > _MAX_ABS_INPUT_MM:
+        if not -_MAX_ABS_INPUT_MM <= v <= _MAX_ABS_INPUT_MM:
             self._bad = True
             return v
         dl = self.dl
-        dl.push(v)
+        if self._n_aux_read:
+            dl.push(v, a)
+        else:
+            dl.push(v)
         H = self.H
         if H == 0 or dl.count < self._need:
             return v
@@ -871,10 +975,6 @@ class _FeaturePredictor:
         if self._since_tick >= self.tick:
             self._since_tick = 0
             y = x_now - dl.features(H, self._zl)
-            if self._aux_dls:
-                zl = self._zl
-                for aux_dl, (a, b) in zip(self._aux_dls, self._aux_cols, strict=True):
-                    aux_dl.features(H, zl[a:b])
             for learner in self._learners:
                 learner.learn(self._zl, y)
                 if not learner.ok:
@@ -1033,19 +1133,14 @@ def _make_analogue(
         n_aux = min(n_aux, owner.n_aux_taps)
         aux_lags = (np.arange(n_aux) + 0.5) * owner.tap_s
         aux_weights = np.sqrt(np.exp(-aux_lags / decay_s))
-        weights = np.concatenate([weights] + [aux_weights] * len(owner._aux_dls))
+        weights = np.concatenate([weights] + [aux_weights] * owner._n_aux_read)
         learner = _AnalogueLearner(sel.size, weights, memory, k, sel, len(speeds))
     if len(speeds) > 1:
-        # elastic queries: each delay line read by the embedding fills its columns of the
-        # query rows at the other speeds (and keeps the history the fastest one needs)
+        # elastic queries: the delay line fills the query rows at the other speeds, every
+        # channel of the embedding (and keeps the history the fastest one needs)
         others = tuple(s for s in speeds if s != 1.0)  # speed 1 is the query row 0
-        owner.dl.set_speeds(others, n)
-        parts = [(owner.dl, 0, n)]
-        for c, aux_dl in enumerate(owner._aux_dls):
-            aux_dl.set_speeds(others, n_aux)
-            o = n + c * n_aux
-            parts.append((aux_dl, o, o + n_aux))
-        owner._scaled = tuple(parts)
+        owner.dl.set_speeds(others, n, n_aux if sel is not None else 0)
+        owner._scaled = True
     return learner
 
 

@@ -258,6 +258,28 @@ def test_features_at_interpolates_between_samples_and_features_ahead():
     assert same.s == newest.s and same.s_dot == pytest.approx(newest.s_dot)
 
 
+@pytest.mark.parametrize("velocity_s, smoothing_s", [(0.4, 0.2), (0.1, 0.5), (0.4, 0.0)])
+def test_features_of_the_newest_sample_equal_the_line_fits_over_its_windows(
+    velocity_s, smoothing_s
+):
+    """``features()`` keeps running sums of its windows (O(1) per sample); they must give the
+    least-squares lines that ``_features_of(0)`` fits by scanning the samples, at irregular
+    rates (sparse samples, gaps), across ``clear()`` and with a large offset."""
+    rng = np.random.default_rng(3)
+    hist = SurrogateHistory(1.0, 30.0, velocity_s, smoothing_s)
+    t = 100.0
+    for k in range(4000):
+        t += float(rng.choice([1 / 120, 1 / 30, 1 / 30, 0.3, 2.0]))
+        hist.append(t, -490.0 + 10.0 * math.sin(t) + float(rng.normal(0.0, 0.1)))
+        if k % 997 == 996:
+            hist.clear()
+            continue
+        got, scanned = hist.features(), hist._features_of(0)
+        assert got.t == scanned.t
+        assert got.s == pytest.approx(scanned.s, abs=1e-9)
+        assert got.s_dot == pytest.approx(scanned.s_dot, abs=1e-9)
+
+
 def test_features_at_interpolates_the_velocity_of_a_curve():
     hist = SurrogateHistory()
     t = np.arange(0, 3, 1 / 30.0)
