@@ -212,7 +212,7 @@ def _aux_values(aux: object, k: int) -> list[float]:
     values = [float(u) for u in aux]  # type: ignore[union-attr]
     for u in values:
         if not math.isfinite(u):
-            raise ValueError(f"non-finite aux sample {u!r}: reset the predictor across it")
+            raise ValueError(f"non-finite aux sample {u!r}: restart the predictor across it")
     return values
 
 
@@ -338,7 +338,6 @@ class _DelayLine:
         self._row = np.zeros(W)  # the newest row: samples, running sums
         self._org = np.zeros(C)
         self._buf = np.zeros(2 * self.size * W)
-        self.n_scaled = 0  # speeds of scaled_features (see set_speeds): none yet
         self.reset()
 
     def _edges(self, n_taps: int) -> np.ndarray:
@@ -397,7 +396,6 @@ class _DelayLine:
         self._s_g = np.zeros(self._s_idx.shape)
         self._s_a = np.zeros(lo.shape)
         self._s_b = np.zeros(lo.shape)
-        self.n_scaled = n
         self.reset()
 
     def scaled_features(self, out: np.ndarray) -> None:
@@ -761,7 +759,7 @@ class NoPredictor:
     def step(self, value: float, aux: Sequence[float] | None = None) -> float:
         v = float(value)
         if not math.isfinite(v):
-            raise ValueError(f"non-finite sample {value!r}: reset the predictor across it")
+            raise ValueError(f"non-finite sample {value!r}: restart the predictor across it")
         if self.aux_channels:
             _aux_values(aux, self.aux_channels)
         if abs(v) > _MAX_ABS_INPUT_MM:
@@ -944,7 +942,7 @@ class _FeaturePredictor:
     def step(self, value: float, aux: Sequence[float] | None = None) -> float:
         v = float(value)
         if not math.isfinite(v):
-            raise ValueError(f"non-finite sample {value!r}: reset the predictor across it")
+            raise ValueError(f"non-finite sample {value!r}: restart the predictor across it")
         k = self.aux_channels
         if k:
             # checked before any state changes (as _aux_values, which gives the errors)
