@@ -460,6 +460,9 @@ def ablations(cases: list[Case], args) -> dict:
         "as configured (debounce 2)": dict(),
         "debounce 1": dict(extra=["gating.debounce_samples=1"]),
         "imaging every 1 s": dict(imaging_period=1.0),
+        "X-ray interlocks clear on the agreeing image (gating.fiducial_clears)": dict(
+            extra=['gating.fiducial_clears="image"']
+        ),
         "no fiducial check (tolerance 50 mm, model check 50 mm)": dict(extra=no_check),
         "perfect prediction (true future surrogate)": dict(predictor="oracle"),
         "perfect prediction, no fiducial check": dict(predictor="oracle", extra=no_check),

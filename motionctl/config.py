@@ -39,6 +39,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "gating.source": (lambda v: v in ("predicted", "surrogate"), "predicted or surrogate"),
     "gating.breath_hold_signal": (lambda v: v in ("volume", "position"), "volume or position"),
     "gating.debounce_samples": (lambda v: 1 <= v <= 100, "an integer in [1, 100]"),
+    "gating.fiducial_clears": (lambda v: v in ("ack", "image"), "ack or image"),
     "gating.phase_window": (lambda v: all(0 <= p <= 1 for p in v), "two phases in [0, 1]"),
     "gating.axis": (lambda v: v in AXIS_NAMES, "one of LR, SI, AP"),
     "gating.window_mm": (lambda v: v > 0, "a window width > 0 mm"),

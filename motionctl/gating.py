@@ -124,8 +124,10 @@ class Gate:
 
     # -- the decision ---------------------------------------------------------------------
     def update(self, t: float, inputs: GateInputs, new_sample: bool = True) -> GateDecision:
-        """The decision at ``t``. Debounce counts new samples only: a re-evaluation between
-        samples (an event, a deadline) can end but never shorten the count."""
+        """The decision at ``t``. Debounce counts new samples only, each taken while every
+        condition holds: a re-evaluation between samples (an event, a deadline, an
+        interlock clearing) can end the count but never add to it, so a sample received
+        while something was wrong never counts towards beam-on."""
         reasons: list[str] = []
         if not inputs.operator_enabled:
             reasons.append("operator_not_enabled")
@@ -136,7 +138,7 @@ class Gate:
         ok = not reasons
         state = TRANSITIONS[(self.state, ok)]
         if state is GateState.ARMING:
-            self._good_count += 1 if new_sample or self.state is GateState.HOLD else 0
+            self._good_count += 1 if new_sample else 0
             if self._good_count >= self.settings.debounce_samples:
                 state = GateState.BEAM_ON
             else:

@@ -24,7 +24,12 @@ from motionctl.correlation import CorrelationModel
 from motionctl.estimator import MotionEstimator
 from motionctl.gating import DwellMonitor, Gate, GateInputs
 from motionctl.interlocks import InterlockMonitor
-from motionctl.settings import correlation_params, estimator_settings, gate_settings
+from motionctl.settings import (
+    correlation_params,
+    estimator_settings,
+    gate_settings,
+    interlock_specs,
+)
 from motionctl.types import (
     DeviceEvent,
     FiducialMeasurement,
@@ -112,7 +117,7 @@ class SessionCore:
         settings = gate_settings(cfg)
         self.gate = Gate(settings)
         self.dwell = DwellMonitor(settings.axis, settings.dwell_mm, settings.dwell_s)
-        self.interlocks = InterlockMonitor()
+        self.interlocks = InterlockMonitor(specs=interlock_specs(cfg))
         self._per_sample_keys = tuple(
             (code, self.surrogate_device if code in _DEVICE_SUBJECT else None)
             for code in _PER_SAMPLE_INTERLOCKS

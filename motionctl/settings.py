@@ -7,11 +7,13 @@ place that knows which config key feeds which setting.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from motionctl.correlation import CorrelationParams
 from motionctl.estimator import EstimatorSettings
 from motionctl.gating import GateSettings
+from motionctl.interlocks import SPECS, InterlockSpec
 
 
 def estimator_settings(cfg: dict[str, Any]) -> EstimatorSettings:
@@ -56,6 +58,22 @@ def gate_settings(cfg: dict[str, Any]) -> GateSettings:
         dwell_mm=g["dwell_mm"],
         dwell_s=g["dwell_s"],
     )
+
+
+# The interlocks an X-ray image raises, and clears again when a later image agrees.
+FIDUCIAL_INTERLOCKS = ("fiducial_disagreement", "correlation_model_invalid")
+
+
+def interlock_specs(cfg: dict[str, Any]) -> dict[str, InterlockSpec]:
+    """The interlock table for this session. ``gating.fiducial_clears = "image"`` lets the
+    X-ray interlocks clear on the agreeing image (or the rebuilt model) without an
+    acknowledgement: the beam is held all the while they last, as before, but a transient
+    miss (a cough, a mislocalised seed) costs no extra wait for the operator."""
+    specs = dict(SPECS)
+    if cfg["gating"].get("fiducial_clears", "ack") == "image":
+        for code in FIDUCIAL_INTERLOCKS:
+            specs[code] = replace(specs[code], clears="auto")
+    return specs
 
 
 def seed_plan(cfg: dict[str, Any]):

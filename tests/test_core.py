@@ -159,7 +159,7 @@ step = st.fixed_dictionaries(
         "clear": st.booleans(),
         "ack": st.booleans(),
         # a re-evaluation between samples (an event, a command, a deadline), as the
-        # controller makes them: it may end the debounce count but never shorten it
+        # controller makes them: it may end the debounce count but never add to it
         "new_sample": st.booleans(),
         # the operator's window changes and a re-captured breath-hold reference
         "window": st.one_of(st.none(), st.tuples(st.floats(-10, 6), st.floats(0.5, 20))),
@@ -183,8 +183,7 @@ def test_no_sequence_enables_the_beam_while_any_condition_fails(mode, debounce, 
     mon = InterlockMonitor()
     t = 0.0
     reference = 2.0
-    run = 0  # consecutive samples with every condition holding (at a decision of theirs)
-    sample, counted = 0, -1  # the latest sample, the latest one counted in ``run``
+    run = 0  # consecutive new samples, each with every condition holding at its arrival
     for s in steps:
         t += s["dt"]
         if s["recover"]:
@@ -212,11 +211,10 @@ def test_no_sequence_enables_the_beam_while_any_condition_fails(mode, debounce, 
         else:
             window_ok = abs(s["volume"] - reference) <= 0.1  # (stability checked by the gate)
         conditions = s["operator"] and not mon.active() and window_ok
-        sample += s["new_sample"]
         if not conditions:
-            run, counted = 0, -1
-        elif counted != sample:
-            run, counted = run + 1, sample
+            run = 0
+        elif s["new_sample"]:
+            run += 1
         if decision.beam_enabled:
             assert conditions, (decision, inputs)
             assert run >= debounce
@@ -367,6 +365,28 @@ def test_a_disagreeing_image_a_few_ms_out_of_order_still_needs_an_acknowledgemen
         decision = _sample(core, i, i / 30)
     assert not decision.beam_enabled
     assert "fiducial_disagreement" in decision.reasons
+
+
+@pytest.mark.parametrize("clears", ["ack", "image"])
+def test_a_fiducial_disagreement_clears_by_the_configured_rule(clears):
+    # Held from the disagreeing image until a later one agrees; then "ack" waits for the
+    # operator and "image" lets the beam on again by itself.
+    core = _core(debounce_samples=1, fiducial_clears=clears)
+    for i in range(30):
+        _sample(core, i, i / 30)
+    _image(core, 1, 0.9, 0.98, si=15.0)  # disagrees
+    for i in range(30, 40):
+        decision = _sample(core, i, i / 30)
+        assert not decision.beam_enabled and "fiducial_disagreement" in decision.reasons
+    _image(core, 2, 1.25, 1.31, si=-0.75)  # agrees
+    for i in range(40, 50):
+        decision = _sample(core, i, i / 30)
+    if clears == "ack":
+        assert not decision.beam_enabled
+        assert core.interlocks.awaiting_ack() == ("fiducial_disagreement",)
+    else:
+        assert decision.beam_enabled, decision
+        assert core.interlocks.active() == () and core.interlocks.awaiting_ack() == ()
 
 
 def test_a_surrogate_glitch_while_an_image_is_processed_does_not_lose_its_check():
