@@ -33,7 +33,9 @@ when the gate acts on a prediction?
   by something other than the window (an interlock, the operator, session stop) are judged
   against the decision that caused them (the chain latency). An edge with no target
   crossing of its direction within +/-1 s (gate chatter, a prediction crossing the target
-  did not make) FAILs. An expected transition with no edge FAILs if the beam state
+  did not make) FAILs, unless that crossing could lie after the recorded target ends (an
+  edge in the last beam delay + 100 ms of the session: NOT ASSESSED). An expected
+  transition with no edge FAILs if the beam state
   disagreed with it for more than 100 ms (a short visit of the target to the window that
   ends within the tolerance needs no edge).
 * Edges: the simulated linac's own record (``beam_edges`` source ``linac_sim``) when
@@ -797,7 +799,8 @@ class _Session:
             + ". PASS: |edge − expected| ≤ 100 ms. Edges caused by an interlock, the operator "
             "or the session stop are judged against the decision that caused them. An edge "
             f"with no target crossing of its direction within ±{MATCH_RADIUS_S:g} s FAILs "
-            "(gate chatter, or a predicted crossing the target did not make); so does an "
+            "(gate chatter, or a predicted crossing the target did not make), unless the "
+            "recorded target ends before that crossing could be seen (NOT ASSESSED); so does an "
             "expected transition the beam did not follow for more than 100 ms. Diagnostics: "
             "<i>gate input → edge</i> is the time from the gate's own input (the predicted "
             "position) crossing; <i>latency − that</i> is the prediction's timing error at "
@@ -1289,8 +1292,16 @@ def gating_timing(
                 if e.latency_s > 0
                 else "early: before the target crossing minus the beam delay"
             )
+    # A crossing the edge could match may lie after the recorded target ends (an edge in the
+    # last beam delay + tolerance before the session stopped): it cannot be judged.
+    last_expected = (float(target_t[-1]) if len(target_t) else -math.inf) - beam_delay_s
     for i in window_edges:
-        if i not in used_edges:
+        if i in used_edges:
+            continue
+        if checks[i].t + tolerance_s > last_expected:
+            checks[i].verdict = NOT_ASSESSED
+            checks[i].note = "the recorded target ends before its crossing could be seen"
+        else:
             checks[i].note = (
                 f"no target crossing of this direction within ±{radius_s:g} s (gate chatter, "
                 "or a predicted crossing the target did not make)"

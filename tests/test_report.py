@@ -215,6 +215,23 @@ def test_gate_chatter_and_a_missed_beam_off_fail():
     assert "stayed ON" in check.missed[0]["note"]
 
 
+def test_an_edge_whose_crossing_would_be_after_the_trace_ends_is_not_assessed():
+    # The gate switches off on a prediction 0.4 s ahead; the session stops before the
+    # target gets there: that edge cannot be judged. The same edge earlier is chatter.
+    t, x = _target()
+    x[30:] = 0.0  # the target stays in the window to the end (4.9 s)
+    for off_t, verdict, overall in ((4.7, NOT_ASSESSED, PASS), (4.0, FAIL, FAIL)):
+        decisions = [
+            (0.0, False, "outside_window"),
+            (0.7, True, ""),  # the crossing at 1.05 s minus the 0.4 s beam delay
+            (off_t, False, "outside_window"),
+        ]
+        edges = [(0.71, True), (off_t + 0.01, False)]
+        check = gating_timing(t, x, t, x, WINDOW, decisions, edges, beam_delay_s=0.4)
+        assert check.edges[1].verdict == verdict, off_t
+        assert check.verdict == overall
+
+
 def test_an_interlock_edge_is_judged_against_its_decision():
     t, x = _target()
     decisions = [
