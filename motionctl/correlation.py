@@ -28,8 +28,8 @@ Features (``SurrogateHistory``)
 - ``features_ahead(s_pred, h)``: the features of a predicted sample ``h`` seconds after the
   newest one (its velocity from the history plus the predicted sample).
 
-Models (each fitted per axis; the three axes use the same form, each with its own coefficients)
------------------------------------------------------------------------------------------------
+Models (each fitted per axis, with its own coefficients; the form is selected per axis)
+--------------------------------------------------------------------------------------
 ``z`` is the surrogate centred and scaled on the model points, ``v`` the velocity.
 
 - ``linear``:     x = a + b z.
@@ -73,13 +73,21 @@ Selection
 ---------
 Every enabled model is fitted at every image. When the next image arrives, each model's
 prediction of it, made before it is added, is a held-out (forward) error: exactly what the model
-is used for. Each model keeps an exponentially discounted mean of its squared 3-D forward errors
-(memory ``selection_memory`` = 20 images); scoring starts once every enabled model has a fit
-(6 points). The simplest enabled model (``linear``) is used until ``min_held_out`` (5) errors
-are scored; after that the 3-parameter model with the lowest held-out RMS is chosen only if it
-is clearly better than linear (complexity guard): below (1 - ``selection_margin``) = 0.9 times
-linear's RMS and lower by at least ``selection_min_gain_mm`` (0.05 mm). The three axes use the
-selected form (chosen on the 3-D error, the clinically relevant one).
+is used for. Each model keeps, per axis, an exponentially discounted mean of its squared forward
+errors (memory ``selection_memory`` = 20 images); scoring starts once every enabled model has a
+fit (6 points). The simplest enabled model (``linear``) is used until ``min_held_out`` (5)
+errors are scored; after that, on each axis, the 3-parameter model with the lowest held-out RMS
+on that axis is chosen only if it is clearly better there than linear (complexity guard): below
+(1 - ``selection_margin``) = 0.9 times linear's RMS and lower by at least
+``selection_min_gain_mm`` (0.05 mm).
+
+Why per axis: the three axes are fitted separately anyway, and their relations to the surrogate
+differ (e.g. SI follows the surrogate with a lag, AP loops, LR hardly moves). One form chosen on
+the 3-D error let the axes the surrogate explains least (the largest scatter) pick the form for
+the gated axis: on a KIM liver trace they chose ``dual`` where SI needed ``augmented``, and the
+SI error was 38 % larger. Choosing each axis's form on its own held-out error minimises each
+term of the 3-D error, hence the 3-D error too. ``kind`` reports the form of the principal axis
+(the one the surrogate moves most: the largest slope), ``kinds`` every axis's.
 
 Refits
 ------
@@ -91,7 +99,15 @@ would otherwise cost more than all the per-sample work of a replay.
 
 Model points, check and recovery (what a physicist can predict)
 ---------------------------------------------------------------
-- At most ``max_points`` points (15, Synchrony's maximum); adding one more drops the oldest.
+- At most ``max_points`` points (40); adding one more drops the oldest. Synchrony keeps 15
+  because its model has no drift term, so an old point carries an old baseline. Here the
+  offset state already discounts old points for the baseline (see "Offset") while they still
+  inform the shape (slope, curvature, loop): a longer window averages the X-ray localisation
+  noise and covers more of the breathing range (fewer extrapolations, and no gap in the range
+  when the imaging period aliases with the breathing period), without slowing the response to
+  a drift. On the LARK liver traces (2 s imaging, 0.3 mm noise) the SI error fell steadily from
+  15 to 40 points and little beyond; 40 points are 80 s at 2 s imaging, so a slow change of
+  the shape is still followed within minutes (a fast one is caught by the check below).
 - A point with a non-finite time, feature or position, or a time not after the previous point,
   is rejected with a reason and never reaches the fit; the model state is unchanged.
 - While the model is valid, each new point is first compared with the current model's estimate
@@ -124,11 +140,11 @@ Model points, check and recovery (what a physicist can predict)
 Uncertainty
 -----------
 ``uncertainty_mm`` is the RMS 3-D error of ``predict()`` from held-out errors: the discounted RMS
-of the selected model's forward errors at the images. These are errors one imaging interval
-after a fit (the worst point of the interval) against measured positions (imaging noise
-included), so the figure is slightly conservative. Before ``min_held_out`` forward errors exist
-it is the leave-one-out RMS of the current points (an interpolation error, hence optimistic),
-and never less than the forward errors seen so far.
+of the selected models' forward errors at the images (each axis's own model's). These are
+errors one imaging interval after a fit (the worst point of the interval) against measured
+positions (imaging noise included), so the figure is slightly conservative. Before
+``min_held_out`` forward errors exist it is the leave-one-out RMS of the current points (an
+interpolation error, hence optimistic), and never less than the forward errors seen so far.
 
 What it does not model
 ----------------------
@@ -163,7 +179,6 @@ MODEL_KINDS = ("linear", "quadratic", "dual", "augmented")
 _N_PARAMS = {"linear": 2, "quadratic": 3, "dual": 3, "augmented": 3}
 # A 3-parameter model is fitted only with at least 3 residual degrees of freedom.
 _SPARE_DOF = 3
-_KIND_CODE = {"linear": 0, "quadratic": 1, "dual": 2, "augmented": 3}
 _NAN3 = (math.nan, math.nan, math.nan)
 # Ridge on the standardised slope terms, relative to the normal-matrix scale: numerical only
 # (keeps a breath-hold, where the surrogate hardly moves, from an ill-conditioned solve).
@@ -507,7 +522,7 @@ class SurrogateHistory:
 class CorrelationParams:
     """Correlation-model settings (field names are the keys of a ``[correlation]`` table)."""
 
-    max_points: int = 15  # model points kept (oldest dropped); as Synchrony's maximum
+    max_points: int = 40  # model points kept (oldest dropped); see "Model points"
     min_points: int = 4  # consistent points needed to (re)build a valid model
     check_threshold_mm: float = 5.0  # a new point further than this from the model: INVALID
     models: tuple[str, ...] = MODEL_KINDS  # candidates; the simplest enabled is the default
@@ -608,11 +623,17 @@ class PointResult:
 # Fitting
 # --------------------------------------------------------------------------------------------
 class _Fit:
-    """One fitted model (all three axes), stored as plain floats for a cheap predict()."""
+    """One fitted model (all three axes), stored as plain floats for a cheap predict().
+
+    Each axis has its own form (``kinds``, see "Selection"); a candidate fit has the same form
+    on all three. Coefficients are per axis over the columns of ``_full_design`` (1, z, q, h,
+    v), zero where the form does not use a column. ``kind`` names the form of the principal
+    axis, the one the surrogate moves most (largest slope): the form that carries the
+    estimate."""
 
     __slots__ = (
         "kind",
-        "code",
+        "kinds",
         "sc",
         "inv_ss",
         "zlo",
@@ -621,53 +642,67 @@ class _Fit:
         "zmax",
         "vlo",
         "vhi",
-        "inv_v",
+        "inv_v_dual",
+        "inv_v_aug",
+        "use_q",
+        "use_h",
+        "use_v",
         "coef",
     )
 
-    def __init__(self, kind, sc, inv_ss, zlo, zhi, extrap, vlo, vhi, inv_v, coef):
-        self.kind = kind
-        self.code = _KIND_CODE[kind]
+    def __init__(self, kinds, geom, coef):
+        sc, inv_ss, zlo, zhi, extrap, vlo, vhi, inv_v_dual, inv_v_aug = geom
+        self.kinds = tuple(kinds)
         self.sc, self.inv_ss, self.zlo, self.zhi = sc, inv_ss, zlo, zhi
         # never extrapolate further than extrap x the points' own span beyond them
         self.zmin = zlo - extrap * (zhi - zlo)
         self.zmax = zhi + extrap * (zhi - zlo)
-        self.vlo, self.vhi, self.inv_v = vlo, vhi, inv_v
-        self.coef = coef  # ((a, b, c) LR, (a, b, c) SI, (a, b, c) AP); c = 0 for linear
-
-    def third(self, z: float, v: float) -> float:
-        code = self.code
-        if code == 0:
-            return 0.0
-        if code == 1:  # curvature inside the fitted range, tangent beyond
-            zc = self.zlo if z < self.zlo else (self.zhi if z > self.zhi else z)
-            return zc * (2.0 * z - zc)
-        if code == 2:  # branch: -1 falling ... +1 rising, ramped near the turning points
-            h = v * self.inv_v
-            return -1.0 if h < -1.0 else (1.0 if h > 1.0 else h)
-        vc = self.vlo if v < self.vlo else (self.vhi if v > self.vhi else v)
-        return vc * self.inv_v
+        self.vlo, self.vhi = vlo, vhi
+        self.inv_v_dual, self.inv_v_aug = inv_v_dual, inv_v_aug
+        self.coef = coef  # per axis (LR, SI, AP): coefficients of (1, z, q, h, v)
+        cols = {c for k in self.kinds for c in _COLUMNS[k]}
+        self.use_q, self.use_h, self.use_v = 2 in cols, 3 in cols, 4 in cols
+        principal = max(range(3), key=lambda ax: abs(coef[ax][1]))
+        self.kind = self.kinds[principal]
 
     def predict(self, s: float, v: float) -> tuple[float, float, float]:
         z = (s - self.sc) * self.inv_ss
         z = self.zmin if z < self.zmin else (self.zmax if z > self.zmax else z)
-        g = self.third(z, v)
-        (a0, b0, c0), (a1, b1, c1), (a2, b2, c2) = self.coef
-        return (a0 + b0 * z + c0 * g, a1 + b1 * z + c1 * g, a2 + b2 * z + c2 * g)
+        q = h = g = 0.0
+        if self.use_q:  # curvature inside the fitted range, tangent beyond
+            zc = self.zlo if z < self.zlo else (self.zhi if z > self.zhi else z)
+            q = zc * (2.0 * z - zc)
+        if self.use_h:  # branch: -1 falling ... +1 rising, ramped near the turning points
+            h = v * self.inv_v_dual
+            h = -1.0 if h < -1.0 else (1.0 if h > 1.0 else h)
+        if self.use_v:  # velocity, clipped to the points' range
+            g = (self.vlo if v < self.vlo else (self.vhi if v > self.vhi else v)) * self.inv_v_aug
+        (a0, b0, q0, h0, v0), (a1, b1, q1, h1, v1), (a2, b2, q2, h2, v2) = self.coef
+        return (
+            a0 + b0 * z + q0 * q + h0 * h + v0 * g,
+            a1 + b1 * z + q1 * q + h1 * h + v1 * g,
+            a2 + b2 * z + q2 * q + h2 * h + v2 * g,
+        )
 
 
-# Columns of ``_full_design`` each model uses: intercept, z, then its own third term.
-_COLUMNS = {"linear": [0, 1], "quadratic": [0, 1, 2], "dual": [0, 1, 3], "augmented": [0, 1, 4]}
+# Columns of ``_full_design`` each model uses: intercept, z, then its own terms.
+_COLUMNS = {
+    "linear": [0, 1],
+    "quadratic": [0, 1, 2],
+    "dual": [0, 1, 3],
+    "augmented": [0, 1, 4],
+}
+_N_COLUMNS = 5
 
 
-def _full_design(z: np.ndarray, v: np.ndarray, fit_params: dict) -> np.ndarray:
+def _full_design(z: np.ndarray, v: np.ndarray, inv_v_dual: float, inv_v_aug: float) -> np.ndarray:
     """(1, z, z^2, dual branch, scaled velocity): every model's design is a column subset."""
-    F = np.empty((len(z), 5))
+    F = np.empty((len(z), _N_COLUMNS))
     F[:, 0] = 1.0
     F[:, 1] = z
     np.multiply(z, z, out=F[:, 2])  # inside the range by construction
-    np.clip(v * fit_params["inv_v_dual"], -1.0, 1.0, out=F[:, 3])
-    np.multiply(v, fit_params["inv_v_aug"], out=F[:, 4])
+    np.clip(v * inv_v_dual, -1.0, 1.0, out=F[:, 3])
+    np.multiply(v, inv_v_aug, out=F[:, 4])
     return F
 
 
@@ -762,7 +797,8 @@ class CorrelationModel:
         self._reasons: tuple[str, ...] = (reason,)
         self._fits: dict[str, _Fit] = {}
         self._sel: _Fit | None = None  # the fit predict() uses (None while invalid)
-        self._score = dict.fromkeys(self.params.models, 0.0)
+        # discounted squared held-out errors per candidate, per axis (LR, SI, AP)
+        self._score = {k: [0.0, 0.0, 0.0] for k in self.params.models}
         self._score_w = 0.0
         self._n_scored = 0
         self._loo_rms = math.inf
@@ -785,8 +821,14 @@ class CorrelationModel:
 
     @property
     def kind(self) -> str:
-        """The selected model ("" while not valid)."""
+        """The selected form of the principal axis, the one the surrogate moves most
+        ("" while not valid); ``kinds`` gives every axis's."""
         return self._sel.kind if (self._valid and self._sel is not None) else ""
+
+    @property
+    def kinds(self) -> tuple[str, str, str]:
+        """The selected form per axis (LR, SI, AP); ("", "", "") while not valid."""
+        return self._sel.kinds if (self._valid and self._sel is not None) else ("", "", "")
 
     @property
     def n_points(self) -> int:
@@ -807,16 +849,18 @@ class CorrelationModel:
         """Discounted held-out (forward) RMS 3-D error per candidate (nan before scoring)."""
         if self._score_w <= 0:
             return dict.fromkeys(self._score, math.nan)
-        return {k: math.sqrt(v / self._score_w) for k, v in self._score.items()}
+        return {k: math.sqrt(sum(v) / self._score_w) for k, v in self._score.items()}
 
     @property
     def uncertainty_mm(self) -> float:
         """RMS 3-D error of predict() from held-out residuals (inf while not valid)."""
         if not self._valid or self._sel is None:
             return math.inf
+        # the selected form's held-out squared errors, axis by axis
+        e2 = sum(self._score[k][ax] for ax, k in enumerate(self._sel.kinds))
         if self._n_scored >= self.params.min_held_out:
-            return math.sqrt(self._score[self._sel.kind] / self._score_w)
-        fwd = math.sqrt(self._score[self._sel.kind] / self._score_w) if self._score_w else 0.0
+            return math.sqrt(e2 / self._score_w)
+        fwd = math.sqrt(e2 / self._score_w) if self._score_w else 0.0
         return max(self._loo_rms, fwd)
 
     # ---- prediction ------------------------------------------------------------------------
@@ -865,9 +909,9 @@ class CorrelationModel:
             errs = {}
             for kind, fit in self._fits.items():
                 px, py, pz = fit.predict(s, v)
-                errs[kind] = (y[0] - px) ** 2 + (y[1] - py) ** 2 + (y[2] - pz) ** 2
+                errs[kind] = ((y[0] - px) ** 2, (y[1] - py) ** 2, (y[2] - pz) ** 2)
             if self._sel is not None:
-                residual = math.sqrt(errs[self._sel.kind])
+                residual = math.sqrt(sum(errs[k][ax] for ax, k in enumerate(self._sel.kinds)))
         else:
             errs = {}
 
@@ -886,7 +930,9 @@ class CorrelationModel:
         if self._valid and len(errs) == len(p.models):
             g = self._gamma
             for kind, e2 in errs.items():
-                self._score[kind] = g * self._score[kind] + e2
+                sc = self._score[kind]
+                for ax in range(3):
+                    sc[ax] = g * sc[ax] + e2[ax]
             self._score_w = g * self._score_w + 1.0
             self._n_scored += 1
 
@@ -983,8 +1029,7 @@ class CorrelationModel:
         v = np.asarray(self._v)
         Y = np.asarray(self._y)
         tau = t[-1] - t
-        n = len(t)
-        C = np.eye(n)
+        C = np.eye(len(t))
         if self._lambda > 0:
             C += self._lambda * np.minimum.outer(tau, tau)
         Ci = np.linalg.inv(C)
@@ -1010,16 +1055,23 @@ class CorrelationModel:
         t, z, v, Y, Ci, sc, inv_ss = self._arrays()
         n = len(t)
         vmax = float(np.max(np.abs(v)))
-        aux = {
-            "inv_v_dual": 1.0 / (p.dual_ramp_fraction * vmax) if vmax > 1e-9 else 0.0,
-            "inv_v_aug": 1.0 / vmax if vmax > 1e-9 else 0.0,
-        }
-        zlo, zhi = float(z.min()), float(z.max())
-        vlo, vhi = float(v.min()), float(v.max())
-        # Every model's columns are (1, z) plus at most one third column: one design holding
-        # all of them gives every model's normal equations as sub-blocks of one product (the
+        inv_v_dual = 1.0 / (p.dual_ramp_fraction * vmax) if vmax > 1e-9 else 0.0
+        inv_v_aug = 1.0 / vmax if vmax > 1e-9 else 0.0
+        geom = (
+            sc,
+            inv_ss,
+            float(z.min()),
+            float(z.max()),
+            p.max_extrapolation,
+            float(v.min()),
+            float(v.max()),
+            inv_v_dual,
+            inv_v_aug,
+        )
+        # Every model's columns are a subset of (1, z, q, h, v): one design holding all of
+        # them gives every model's normal equations as sub-blocks of one product (the
         # per-sample budget of replay is tight; four separate GLS fits cost 3x as much).
-        F = _full_design(z, v, aux)
+        F = _full_design(z, v, inv_v_dual, inv_v_aug)
         CiF = Ci @ F
         G_all = (F.T @ CiF).tolist()
         B_all = (CiF.T @ Y).tolist()
@@ -1037,53 +1089,57 @@ class CorrelationModel:
             for i in range(1, npar):  # the intercept (baseline) is never shrunk
                 G[i][i] += reg
             coef = _solve_small(G, [B_all[i] for i in cols])  # p rows x 3 axes
-            rows = tuple(
-                (coef[0][ax], coef[1][ax], coef[2][ax] if npar == 3 else 0.0) for ax in range(3)
-            )
-            inv_v = aux["inv_v_dual"] if kind == "dual" else aux["inv_v_aug"]
-            fits[kind] = _Fit(
-                kind, sc, inv_ss, zlo, zhi, p.max_extrapolation, vlo, vhi, inv_v, rows
-            )
+            rows = []
+            for ax in range(3):
+                row = [0.0] * _N_COLUMNS
+                for i, c in enumerate(cols):
+                    row[c] = coef[i][ax]
+                rows.append(tuple(row))
+            fits[kind] = _Fit((kind,) * 3, geom, tuple(rows))
         self._fits = fits
         sel = self._select()
-        self._sel = fits[sel]
-        cols = _COLUMNS[sel]
-        A = F[:, cols]
-        coef = np.array(self._sel.coef).T[: len(cols)]
-        r = Y - A @ coef
+        if sel[0] == sel[1] == sel[2]:
+            self._sel = fits[sel[0]]
+        else:  # each axis with its own form (see "Selection")
+            self._sel = _Fit(sel, geom, tuple(fits[k].coef[ax] for ax, k in enumerate(sel)))
         # Kriging estimate of the random-walk part at the points, u_i = b(t_i) - b(t_newest).
         if self._lambda > 0:
+            r = Y - F @ np.array(self._sel.coef).T
             tau = t[-1] - t
             u = self._lambda * np.minimum.outer(tau, tau) @ (Ci @ r)
             self._offset = tuple(float(x) for x in -u.mean(axis=0))
         else:
             self._offset = (0.0, 0.0, 0.0)
-        if self._n_scored < p.min_held_out:
+        if self._n_scored < p.min_held_out:  # the default form on every axis (_select)
+            A = F[:, _COLUMNS[self._default_kind]]
             coef, Gi, CiA = _gls(A, Ci, Y)
             loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
             self._loo_rms = float(np.sqrt(np.mean(np.sum(loo * loo, axis=1))))
 
-    def _select(self) -> str:
+    def _select(self) -> tuple[str, str, str]:
+        """The form per axis (LR, SI, AP), each chosen on that axis's held-out errors."""
         p = self.params
         default = self._default_kind
-        if self._n_scored < p.min_held_out:
-            return default
-        base = self._score[default]
-        best, best_score = default, base
-        for kind in p.models[1:]:
-            if kind in self._fits and self._score[kind] < best_score:
-                best, best_score = kind, self._score[kind]
-        if best == default or self._score_w <= 0:
-            return default
-        # complexity guard on the held-out RMS: clearly better, relatively and absolutely
-        rms_best = math.sqrt(best_score / self._score_w)
-        rms_base = math.sqrt(base / self._score_w)
-        if (
-            rms_best < (1.0 - p.selection_margin) * rms_base
-            and rms_base - rms_best >= p.selection_min_gain_mm
-        ):
-            return best
-        return default
+        if self._n_scored < p.min_held_out or self._score_w <= 0:
+            return (default, default, default)
+        out = []
+        for ax in range(3):
+            base = self._score[default][ax]
+            best, best_score = default, base
+            for kind in p.models[1:]:
+                if kind in self._fits and self._score[kind][ax] < best_score:
+                    best, best_score = kind, self._score[kind][ax]
+            # complexity guard on the held-out RMS: clearly better, relatively and absolutely
+            if best != default:
+                rms_best = math.sqrt(best_score / self._score_w)
+                rms_base = math.sqrt(base / self._score_w)
+                if not (
+                    rms_best < (1.0 - p.selection_margin) * rms_base
+                    and rms_base - rms_best >= p.selection_min_gain_mm
+                ):
+                    best = default
+            out.append(best)
+        return (out[0], out[1], out[2])
 
 
 # --------------------------------------------------------------------------------------------

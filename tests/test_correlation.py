@@ -114,6 +114,27 @@ def test_complexity_guard_keeps_linear_when_nothing_is_clearly_better():
     assert res["kinds"].get("linear", 0) >= 0.8 * sum(res["kinds"].values()), res["kinds"]
 
 
+def test_each_axis_gets_its_own_form():
+    """LR follows the surrogate, SI lags it (the velocity term), AP curves (quadratic): each
+    axis is chosen on its own held-out errors, so the gated axis is not given the form that
+    suits another axis's scatter."""
+    pts = []
+    for i in range(40):
+        t = 1.0 * i
+        s = 4.0 * math.sin(1.3 * i) + 1.5 * math.sin(0.37 * i)
+        v = 5.2 * math.cos(1.3 * i) + 0.55 * math.cos(0.37 * i)
+        y = (0.5 + 0.1 * s, 2.0 - 1.8 * s + 0.7 * v, -1.0 + 0.6 * s + 0.15 * s * s)
+        pts.append((t, s, v, y))
+    model = feed(pts)
+    assert model.valid and model.kinds == ("linear", "augmented", "quadratic"), model.kinds
+    assert model.kind == "augmented"  # the principal axis (largest slope) is SI
+    s, v = 1.0, -3.0  # inside the points' range
+    want = (0.5 + 0.1 * s, 2.0 - 1.8 * s + 0.7 * v, -1.0 + 0.6 * s + 0.15 * s * s)
+    np.testing.assert_allclose(model.predict(ModelFeatures(s, v, 50.0)), want, atol=1e-6)
+    # its held-out error is below that of any one form used on all three axes
+    assert model.uncertainty_mm < 0.5 * min(model.held_out_rms_mm.values())
+
+
 # ---- point management, check and recovery --------------------------------------------------
 def test_point_limit_drops_the_oldest():
     params = CorrelationParams(max_points=5)
