@@ -48,6 +48,7 @@ not closed).
 from __future__ import annotations
 
 import hashlib
+import operator
 import sqlite3
 import struct
 from bisect import bisect_left, bisect_right
@@ -296,7 +297,7 @@ def verify_tables(
             problems.append((None, f"table {table}: row {i + 1} has n={ns[i]!r}, not an integer"))
             keep = [i for i, n in enumerate(ns) if type(n) is int]
             rows, ns = [rows[i] for i in keep], [ns[i] for i in keep]
-        if any(a >= b for a, b in zip(ns, ns[1:], strict=False)):
+        if not all(map(operator.lt, ns, ns[1:])):  # n strictly increasing (C-level loop)
             i = next(i for i, (a, b) in enumerate(zip(ns, ns[1:], strict=False)) if a >= b)
             problems.append(
                 (
@@ -366,12 +367,12 @@ def verify_tables(
                 f"meta, config or devices differ from the state chained in batch "
                 f"{headers[-1][0]} (edited after it was written)",
             )
-    outside = [
-        (ns[i], table)
-        for table, (rows, ns) in ordered.items()
-        for i in range(len(ns))
-        if not 0 <= ns[i] < next_n
-    ]
+    outside: list[tuple[int, str]] = []
+    for table, (_rows, ns) in ordered.items():
+        # ns is sorted by now: the rows outside [0, next_n) are at either end
+        lo = bisect_left(ns, 0)
+        hi = max(lo, bisect_left(ns, next_n))
+        outside += [(n, table) for n in (*ns[:lo], *ns[hi:])]
     if outside:
         outside.sort()
         n, table = outside[0]

@@ -100,6 +100,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
+from operator import add, sub
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -164,6 +165,8 @@ _MAX_ABS_INPUT_MM = 1.0e6
 # stays below 1.5 for the default predictor, and the bench counts any alarm.
 _DIVERGED_ERROR_RATIO = 4.0
 _DIVERGED_SLACK_MM = 1.0
+_DIV_RATIO2 = _DIVERGED_ERROR_RATIO**2  # squared once, not at every sample
+_DIV_SLACK2 = _DIVERGED_SLACK_MM**2
 _DIVERGED_HALF_LIFE_S = 2.0
 
 # A learner's output is used only after this much learning; until then the predictor says
@@ -187,6 +190,10 @@ _MIN_SPEED = 0.5
 # (finite: never chosen, as the query needs 2 k filled slots, and no inf * 0 in the product)
 _EMPTY_NORM2 = 1.0e300
 _MAX_SPEED = 2.0
+
+# The delay line's buffer holds this many times the rows its look-backs need (see
+# _DelayLine): the newest rows move to its start once per (this - 1) * size samples.
+_ROWS_PER_SIZE = 4
 
 
 def _check_aux_channels(aux_channels: object) -> int:
@@ -248,21 +255,24 @@ def _half_life_factor(half_life_s: float, interval_s: float) -> float:
 
 class _DelayLine:
     """Recent samples of the main channel (and of ``n_aux`` extra channels) and their
-    running sums in one mirrored ring buffer.
+    running sums in one buffer of rows.
 
     ``features(back, out)`` fills, for the sample ``back`` steps ago, the increments
     ``x[n-back] - mean(block j)`` for ``n_taps`` consecutive blocks of ``tap_s`` seconds
     going back from that sample (block 0 contains the sample itself), then (with
     ``n_aux``) each extra channel's ``aux_taps`` increments; with ``bias`` an entry 1 sits
     between the main channel's and the extra channels' entries. Block edges are whole
-    samples, so at 5 Hz a 0.2 s block is one sample and at 30 Hz six. The ring is mirrored
-    (each time stored twice) so every look-back is one contiguous index range.
+    samples, so at 5 Hz a 0.2 s block is one sample and at 30 Hz six.
 
-    The channels are pushed and reset together, so they share one ring position: time
-    ``i`` is row ``i`` of the buffer (flattened), holding the samples of every channel,
-    then their running sums. A query gathers what it needs of every channel with one
-    ``take`` from a window ending at the newest row, with index arrays fixed at
-    construction (and ``set_speeds``).
+    The channels are pushed and reset together, so they share one position: each time is
+    one row of the buffer (flattened), holding the samples of every channel, then their
+    running sums; the newest row is ``pos``. A query gathers what it needs of every channel
+    with one ``take`` from a window ending at the newest row, with index arrays fixed at
+    construction (and ``set_speeds``). Rows are written once, one after another, so that
+    every look-back (at most ``size - 2`` rows) is one contiguous index range; when the
+    buffer (``_ROWS_PER_SIZE * size`` rows) is full, its newest ``size - 1`` rows move to
+    its start: one copy every few hundred samples instead of a ring written twice per
+    sample. Rows never written read as 0, as after ``reset``.
 
     Values are stored minus the first sample after a reset (per channel), so a large
     constant offset (an IR marker at -490 mm in camera coordinates) costs no precision in
@@ -335,10 +345,17 @@ class _DelayLine:
         self._f_m = np.zeros(self.n_features)
         self._lin_idx = np.asarray(lin, dtype=np.intp)
         self._lin_g = np.zeros(self._lin_idx.size)
-        self._row = np.zeros(W)  # the newest row: samples, running sums
-        self._org = np.zeros(C)
-        self._buf = np.zeros(2 * self.size * W)
+        # The newest row's running sums and each channel's origin, as Python floats: push
+        # does its few scalar operations without numpy's per-call overhead (the same IEEE
+        # double arithmetic as on arrays, so the same values).
+        self._sums = [0.0] * C
+        self._org = [0.0] * C
+        self._alloc()
         self.reset()
+
+    def _alloc(self) -> None:
+        self._rows = _ROWS_PER_SIZE * self.size
+        self._buf = np.zeros(self._rows * self.W)
 
     def _edges(self, n_taps: int) -> np.ndarray:
         edges = [0]
@@ -372,7 +389,7 @@ class _DelayLine:
         reach = max(int(i0.max()) for i0 in i0s) + 1  # the oldest sample read, back
         # as features(): at least two spare slots beyond the oldest sample read
         self.size = max(self.size, reach + 2)
-        self._buf = np.zeros(2 * self.size * self.W)
+        self._alloc()
         self._reach = reach
         W, C = self.W, self.C
         lo = np.concatenate([i0[:, :-1] for i0 in i0s], axis=1)  # (S, N): near edges
@@ -403,7 +420,7 @@ class _DelayLine:
         newest sample over the blocks of ``set_speeds`` at each of its speeds (the main
         channel's ``n``, then each extra channel's ``n_aux_taps``): ``features(0)`` with
         block edges ``s * j * tap`` instead of ``j * tap``."""
-        p = self.pos + self.size
+        p = self.pos
         W = self.W
         g = self._s_g
         self._buf[(p - self._reach) * W : (p + 1) * W].take(self._s_idx, out=g)
@@ -419,8 +436,8 @@ class _DelayLine:
 
     def reset(self) -> None:
         self._buf.fill(0.0)
-        self._row.fill(0.0)
-        self.pos = 0
+        self._sums = [0.0] * self.C
+        self.pos = self.size - 1  # the rows before it read as 0 until they are written
         self.count = 0
         self.origin = 0.0
 
@@ -431,36 +448,33 @@ class _DelayLine:
 
     def push(self, value: float, aux: Sequence[float] = ()) -> None:
         """Append a sample of every channel (``aux``: the ``n_aux`` extra ones)."""
-        vals = [value, *aux] if self.n_aux else value
-        C = self.C
-        r = self._row
+        vals = [value, *aux] if self.n_aux else [value]
         if self.count == 0:
-            self._org[:] = vals
-            self.origin = float(self._org[0])
-        xs = r[:C]
-        np.subtract(vals, self._org, out=xs)
-        cs = r[C:]
-        cs += xs
-        pos = self.pos + 1
-        if pos == self.size:
-            pos = 0
-        self.pos = pos
+            self._org = list(map(float, vals))
+            self.origin = self._org[0]
+        xs = list(map(sub, vals, self._org))  # the samples, origin removed
+        self._sums = sums = list(map(add, self._sums, xs))
+        row = xs + sums
         W = self.W
         buf = self._buf
-        o = pos * W
-        buf[o : o + W] = r
-        o += self.size * W
-        buf[o : o + W] = r
+        pos = self.pos + 1
+        if pos == self._rows:
+            # full: the newest size - 1 rows (all that any look-back reads) to the start
+            keep = self.size - 1
+            buf[: keep * W] = buf[(pos - keep) * W : pos * W]
+            pos = keep
+        self.pos = pos
+        buf[pos * W : (pos + 1) * W] = row
         self.count += 1
 
     def value(self, back: int = 0) -> float:
         """The (origin-removed) main sample ``back`` steps ago."""
-        return float(self._buf[(self.pos + self.size - back) * self.W])
+        return float(self._buf[(self.pos - back) * self.W])
 
     def features(self, back: int, out: np.ndarray) -> float:
         """Fill ``out[:n_features]`` with the block increments at ``back`` (the bias entry,
         if any, with 1); return the main sample there."""
-        p = self.pos + self.size - back
+        p = self.pos - back
         W = self.W
         g = self._f_g
         self._buf[(p - self._reach_f) * W : (p + 1) * W].take(self._f_idx, out=g)
@@ -490,7 +504,7 @@ class _DelayLine:
 
     def linear_sums(self) -> np.ndarray:
         """The newest samples and running sums that ``linear_model`` coefficients weigh."""
-        p = self.pos + self.size
+        p = self.pos
         W = self.W
         g = self._lin_g
         self._buf[(p - self._reach_f) * W : (p + 1) * W].take(self._lin_idx, out=g)
@@ -501,6 +515,9 @@ class _DelayLine:
 # A learner sees features z (block increments and a trailing bias 1) and learns the target
 # y = x[n+H] - x[n]. Learners combined in the ensemble share one delay line, so the
 # features are computed once per sample. ``ok`` turns False if the state became non-finite.
+# Dot products and partial sorts are called as array methods (``a.dot(b)``,
+# ``d.argpartition(k)``): the same C routines as ``np.dot`` and ``np.argpartition``, so the
+# same values, without the Python-level dispatch of the functions (they run on every tick).
 
 
 class _RidgeLearner:
@@ -567,7 +584,7 @@ class _RidgeLearner:
                 self.ok = False
 
     def predict(self, z: np.ndarray) -> float:
-        return float(np.dot(z, self.w))
+        return float(z.dot(self.w))
 
 
 class _NLMSLearner:
@@ -590,16 +607,16 @@ class _NLMSLearner:
         self.ok = True
 
     def learn(self, z: np.ndarray, y: float) -> None:
-        zz = float(np.dot(z, z))
+        zz = float(z.dot(z))
         self.power = self.power_lam * self.power + (1.0 - self.power_lam) * zz
-        e = y - float(np.dot(z, self.w))
+        e = y - float(z.dot(self.w))
         np.multiply(z, self.mu * e / (zz + 1e-3 * self.power + 1e-12), out=self._step)
         self.w += self._step
         if not math.isfinite(e):
             self.ok = False
 
     def predict(self, z: np.ndarray) -> float:
-        return float(np.dot(z, self.w))
+        return float(z.dot(self.w))
 
 
 class _AnalogueLearner:
@@ -683,7 +700,7 @@ class _AnalogueLearner:
         slot = self.slot
         n = self.n
         np.multiply(e, -2.0, out=self.lib[slot, :n])
-        e2 = float(np.dot(e, e))
+        e2 = float(e.dot(e))
         self.norm2[slot] = e2
         if self.n_speeds > 1:
             self.lib[slot, n] = e2
@@ -699,18 +716,18 @@ class _AnalogueLearner:
         zn = z[: self.n] if self.sel is None else z.take(self.sel, out=self._zsel)
         np.multiply(zn, self.sw, out=e)
         d = self._d
-        np.dot(self.lib, e, out=d)
+        self.lib.dot(e, out=d)
         d += self.norm2  # = |l|^2 - 2 l.e, i.e. the squared distance minus |e|^2
-        idx = np.argpartition(d, self.k - 1)[: self.k]
+        idx = d.argpartition(self.k - 1)[: self.k]
         dk = d[idx]
-        e2 = float(np.dot(e, e))
+        e2 = float(e.dot(e))
         # argpartition puts the k-th smallest last: the kernel width is dk[-1] + |e|^2
         width = max(float(dk[-1]) + e2, 0.0) + 1e-12
         dk += e2
         np.maximum(dk, 0.0, out=dk)  # rounding can leave -1e-16
         dk *= -1.0 / width
         np.exp(dk, out=dk)
-        return float(np.dot(dk, self.fut[idx])) / float(dk.sum())
+        return float(dk.dot(self.fut[idx])) / float(dk.sum())
 
     def _predict_elastic(self, z: np.ndarray) -> float:
         """``predict`` over all speeds: the S weighted queries against the library in one
@@ -727,16 +744,16 @@ class _AnalogueLearner:
         dd = self._dd
         # views made here, not kept: a kept view would not survive copy.deepcopy (the copy
         # of a view is a separate array)
-        np.dot(q, self.lib.T, out=dd)  # |q|^2 - 2 q.l + |l|^2: full squared distances
+        q.dot(self.lib.T, out=dd)  # |q|^2 - 2 q.l + |l|^2: full squared distances
         d = dd.reshape(-1)
-        idx = np.argpartition(d, self.k - 1)[: self.k]
+        idx = d.argpartition(self.k - 1)[: self.k]
         dk = d[idx]
         width = max(float(dk[-1]), 0.0) + 1e-12  # the k-th smallest, as in predict
         np.maximum(dk, 0.0, out=dk)
         dk *= -1.0 / width
         np.exp(dk, out=dk)
         np.remainder(idx, self.memory, out=idx)
-        return float(np.dot(dk, self.fut[idx])) / float(dk.sum())
+        return float(dk.dot(self.fut[idx])) / float(dk.sum())
 
 
 # -- predictors --------------------------------------------------------------------------------
@@ -890,7 +907,7 @@ class _FeaturePredictor:
                 w[ridge.sel] = ridge.w
             self._ridge_coef, self._ridge_bias = self.dl.linear_model(w)
             self._sums_version = ridge.version
-        return self._ridge_bias + float(np.dot(self._ridge_coef, self.dl.linear_sums()))
+        return self._ridge_bias + float(self._ridge_coef.dot(self.dl.linear_sums()))
 
     def _score(self, realised: float) -> None:
         """Hook: the realised increment of the prediction made H samples ago."""
@@ -948,7 +965,7 @@ class _FeaturePredictor:
             # checked before any state changes (as _aux_values, which gives the errors)
             if aux is None or not hasattr(aux, "__len__") or len(aux) != k:
                 _aux_values(aux, k)
-            a = [float(u) for u in aux]
+            a = list(map(float, aux))
             for u in a:
                 if not -_MAX_ABS_INPUT_MM <= u <= _MAX_ABS_INPUT_MM:  # also NaN, inf
                     _aux_values(a, k)  # raises if non-finite
@@ -988,13 +1005,10 @@ class _FeaturePredictor:
             realised = x_now - dl.value(H)
             self._score(realised)
             lam = self._div_lam
-            self._err2 = lam * self._err2 + (1.0 - lam) * (old - realised) ** 2
-            self._none2 = lam * self._none2 + (1.0 - lam) * realised * realised
+            self._err2 = err2 = lam * self._err2 + (1.0 - lam) * (old - realised) ** 2
+            self._none2 = none2 = lam * self._none2 + (1.0 - lam) * realised * realised
             self._scored += 1
-            if (
-                self._scored > self._div_after
-                and self._err2 > _DIVERGED_ERROR_RATIO**2 * self._none2 + _DIVERGED_SLACK_MM**2
-            ):
+            if self._scored > self._div_after and err2 > _DIV_RATIO2 * none2 + _DIV_SLACK2:
                 self._bad = True
                 return v
         inc = self._combine()

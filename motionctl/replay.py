@@ -366,7 +366,7 @@ class _Run:
         self.skip_windows = skip_windows
         self.est_out: list[tuple] = []  # estimates the core recorded, not yet compared
         self.ev_out: list[tuple] = []  # events the core recorded ...
-        self.ev_after: list[str] = []  # ... and the input each came after
+        self.ev_after: list[str | tuple] = []  # ... and the input each came after
         est_append, ev_append, after_append = (
             self.est_out.append,
             self.ev_out.append,
@@ -391,7 +391,10 @@ class _Run:
         self.pend_new = False
         self.t_last = 0.0  # the latest decision time (the controller's clock was past it)
         self.est_fresh = False
-        self.last_input = "the start of the log"
+        # The last recorded input fed to the core: a description, or (table, n, t) of a
+        # row, formatted (_input_text) only if a divergence names it: the repr of a float
+        # at every sample is a measurable part of a replay.
+        self.last_input: str | tuple = "the start of the log"
         self.recorded_events: list[tuple] = []
         self.recorded_event_n: list[int] = []
         self.event_detail_differences = 0
@@ -413,7 +416,7 @@ class _Run:
     def diverge(self, kind: str, t: float, n, recorded, replayed, reason: str) -> None:
         self.counts[kind] += 1
         if kind not in self.firsts or len(self.examples) < MAX_EXAMPLES:
-            d = Divergence(kind, t, n, recorded, replayed, reason, self.last_input)
+            d = Divergence(kind, t, n, recorded, replayed, reason, _input_text(self.last_input))
             self.firsts.setdefault(kind, d)
             if len(self.examples) < MAX_EXAMPLES:
                 self.examples.append(d)
@@ -507,7 +510,7 @@ class _Run:
                             )
                     est_out.clear()
                     ei = 0
-                    self.last_input = f"samples n={n} t={t!r}"
+                    self.last_input = ("samples", n, t)
                     core.on_surrogate(
                         SurrogateSample(
                             device,
@@ -600,7 +603,7 @@ class _Run:
                         self.resolve_pending()
                     if what_if:
                         self.deadlines(t)
-                    self.last_input = f"fiducials n={n} t={t!r}"
+                    self.last_input = ("fiducials", n, t)
                     core.on_fiducial(
                         FiducialMeasurement(
                             device,
@@ -625,7 +628,7 @@ class _Run:
                         self.resolve_pending()
                     if what_if:
                         self.deadlines(t)
-                    self.last_input = f"spirometer_samples n={n} t={t!r}"
+                    self.last_input = ("spirometer_samples", n, t)
                     core.on_spirometer(
                         SpirometerSample(
                             device,
@@ -1030,6 +1033,14 @@ def _key(event: tuple) -> tuple:
     ):
         return (t, source, kind, detail.split(" age ", 1)[0])
     return event
+
+
+def _input_text(last_input: str | tuple) -> str:
+    """``_Run.last_input`` as divergences name it ("samples n=... t=...")."""
+    if isinstance(last_input, str):
+        return last_input
+    table, n, t = last_input
+    return f"{table} n={n} t={t!r}"
 
 
 def _describe(code: int, row: tuple) -> str:

@@ -281,7 +281,10 @@ class SessionCore:
         if fault != self.status.beam_fault:
             self.status.beam_fault = fault
             self._record("events", (t, "beam", "fault", fault or ""))
-        self._interlock(t, "beam_interface", None, fault is not None, fault or "")
+        # Reporting the absence of a fault that is neither present nor holding changes
+        # nothing: skip it (this runs before every decision).
+        if fault is not None or "beam_interface" in self.interlocks.live:
+            self._interlock(t, "beam_interface", None, fault is not None, fault or "")
 
     def on_command(self, t: float, command: OperatorCommand) -> str:
         """An operator action; returns why it was refused ("" if carried out)."""

@@ -340,15 +340,23 @@ def _beam_time_and_holds(
     """
     beam_on_s = 0.0
     holds: dict[str, dict[str, float]] = {}
-    active: set[str] = set()
+    active: frozenset[str] = frozenset()
+    # A session has few distinct reason texts and an hour has ~10^5 decisions: each text
+    # is split once.
+    split: dict[str, frozenset[str]] = {}
+    n = len(decisions)
     for i, (t, enabled, reasons) in enumerate(decisions):
-        t_next = decisions[i + 1][0] if i + 1 < len(decisions) else (end_t or t)
+        t_next = decisions[i + 1][0] if i + 1 < n else (end_t or t)
         span = max(0.0, t_next - t)
         if enabled:
             beam_on_s += span
-        current = set(reasons.split(",")) if reasons else set()
+        current = split.get(reasons)
+        if current is None:
+            current = split[reasons] = frozenset(reasons.split(",") if reasons else ())
         for reason in current:
-            entry = holds.setdefault(reason, {"count": 0, "seconds": 0.0})
+            entry = holds.get(reason)
+            if entry is None:
+                entry = holds[reason] = {"count": 0, "seconds": 0.0}
             if reason not in active:
                 entry["count"] += 1
             entry["seconds"] += span
