@@ -38,9 +38,14 @@ decisions (an import: samples only) is replayed as a what-if: a decision at ever
 
 Figures: duty cycle = beam-on time / time from the operator's first enable to the end;
 residual motion = |estimated internal position on the gated axis - window centre| at each
-surrogate-sample decision that enabled the beam (the log has no ground-truth channel yet:
-``residual_source`` says "estimate"); holds by reason (episodes and seconds, as
-``motionctl log info``); treatment time = first enable to the end.
+surrogate sample while the beam was on, i.e. while the decision in force one beam delay
+earlier enabled it (the gate decides on the position predicted one horizon ahead, so that a
+beam following its command by that delay switches as the target crosses the window edge; the
+delay is the configured ``tracking.horizon_s``, as the QA report's TG-142 check takes it; the
+centre is the one that decision used). Measured at the decision instead, the residual was
+that of the target one latency before the beam responded (the figures are from the
+estimates, not a ground truth: ``residual_source`` says "estimate"); holds by reason
+(episodes and seconds, as ``motionctl log info``); treatment time = first enable to the end.
 
 Pure: imports no driver, simulator or GUI module, and prints nothing (``format_result``
 gives the CLI its text).
@@ -272,7 +277,9 @@ def replay(path: str | Path, overrides: Sequence[str] = (), *, force: bool = Fal
     wall_replay = time.perf_counter()
 
     first_enable = _first_enable(tables["events"])
-    replayed = _figures(run.timeline, run.residuals, first_enable, end_t)
+    replayed = _figures(
+        run.timeline, run.positions, cfg["tracking"]["horizon_s"], first_enable, end_t
+    )
     recorded = (
         _recorded_figures(stream, recorded_cfg, first_enable, end_t) if has_decisions else None
     )
@@ -385,7 +392,8 @@ class _Run:
         self.spiro_required = "spirometer" in self.core.stale_timeout_s
         self.axis = AXES.index(cfg["gating"]["axis"])
         self.timeline: list[tuple[float, int, str]] = []
-        self.residuals: list[float] = []
+        # (t, estimated position on the gated axis, window centre) at each sample decision
+        self.positions: list[tuple[float, float, float]] = []
         self.fault: str | None = None
         self.pend_t: float | None = None  # a decide the controller made after the last input
         self.pend_new = False
@@ -435,10 +443,9 @@ class _Run:
             self.t_last = t
         if decision is not None:
             self.timeline.append((t, int(decision.beam_enabled), decision.reason_text))
-            if new_sample and decision.beam_enabled and self.est_fresh:
+            if new_sample and self.est_fresh:
                 value = core.status.estimate.position_mm[self.axis]
-                if math.isfinite(value):
-                    self.residuals.append(abs(value - core.gate.center_mm))
+                self.positions.append((t, value, core.gate.center_mm))
         if new_sample:
             self.est_fresh = False
         return decision
@@ -797,14 +804,15 @@ class _Run:
 # -- figures -------------------------------------------------------------------------------
 def _figures(
     timeline: list[tuple[float, int, str]],
-    residuals: list[float],
+    positions: list[tuple[float, float, float]],
+    beam_delay_s: float,
     first_enable: float | None,
     end_t: float,
 ) -> Figures:
     beam_on_s, holds = _beam_time_and_holds(timeline, end_t=end_t)
     treatment = end_t - first_enable if first_enable is not None else None
     duty = beam_on_s / treatment if treatment else None
-    res = np.asarray(residuals, dtype=float)
+    res = _beam_on_residuals(timeline, positions, beam_delay_s)
     return Figures(
         beam_on_s=beam_on_s,
         duty_cycle=duty,
@@ -818,6 +826,27 @@ def _figures(
     )
 
 
+def _beam_on_residuals(
+    timeline: list[tuple[float, int, str]],
+    positions: list[tuple[float, float, float]],
+    beam_delay_s: float,
+) -> np.ndarray:
+    """|position - centre| at each sample (t, position, centre) while the beam was on: the
+    decision in force at t - ``beam_delay_s`` enabled it; the centre is that decision's (the
+    latest sample's at or before it)."""
+    if not positions or not timeline:
+        return np.empty(0)
+    t, x, centre = (np.asarray(c, dtype=float) for c in zip(*positions, strict=True))
+    dec_t = np.asarray([d[0] for d in timeline], dtype=float)
+    dec_on = np.asarray([d[1] for d in timeline], dtype=bool)
+    t_beam = t - beam_delay_s  # when the decision the beam follows at t was made
+    k = np.searchsorted(dec_t, t_beam, side="right") - 1
+    j = np.searchsorted(t, t_beam, side="right") - 1
+    on = (k >= 0) & (j >= 0) & np.isfinite(x)
+    on[on] = dec_on[k[on]]
+    return np.abs(x[on] - centre[j[on]])
+
+
 def _recorded_figures(
     stream: list[tuple[int, tuple]], cfg: dict[str, Any], first_enable: float | None, end_t: float
 ) -> Figures:
@@ -826,7 +855,7 @@ def _recorded_figures(
     column = 1 + AXES.index(cfg["gating"]["axis"])
     center = cfg["gating"]["center_mm"]
     timeline: list[tuple[float, int, str]] = []
-    residuals: list[float] = []
+    positions: list[tuple[float, float, float]] = []
     position = None
     fresh = False
     for code, row in stream:
@@ -838,8 +867,8 @@ def _recorded_figures(
             t, enabled, reasons, latency, _n = row
             timeline.append((t, enabled, reasons))
             if latency is not None:
-                if enabled and fresh and position is not None and math.isfinite(position):
-                    residuals.append(abs(position - center))
+                if fresh and position is not None:
+                    positions.append((t, position, center))
                 fresh = False
         elif row[1] == "operator" and row[2] == "window":
             try:
@@ -848,7 +877,7 @@ def _recorded_figures(
                     center = float(detail["value"][0])
             except (ValueError, KeyError, TypeError, IndexError):
                 pass
-    return _figures(timeline, residuals, first_enable, end_t)
+    return _figures(timeline, positions, cfg["tracking"]["horizon_s"], first_enable, end_t)
 
 
 def _f(value: float | None) -> float:

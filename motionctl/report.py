@@ -45,7 +45,8 @@ when the gate acts on a prediction?
 * Only amplitude gating is assessed; a log without decisions (an import) is NOT ASSESSED.
 
 Other definitions: duty cycle, residual motion (|estimated position on the gated axis -
-window centre| at each beam-on surrogate decision) and holds come from ``replay`` (recorded
+window centre| at each surrogate sample while the beam was on, i.e. while the decision in
+force one beam delay earlier enabled it) and holds come from ``replay`` (recorded
 figures; an import's what-if figures). "Holds" in the summary row counts interruptions:
 hold episodes for any reason but the gate's own cycle (``outside_window``, the phase and
 breath-hold conditions, ``debounce``), ``operator_not_enabled`` and ``session_stopped``.
@@ -690,7 +691,7 @@ class _Session:
         line("Treatment time (first enable to end)", f["treatment_time_s"], ".1f", " s")
         line("Residual motion in the gate, mean", f["residual_mean_mm"], ".2f", " mm")
         line("Residual motion in the gate, P95", f["residual_p95_mm"], ".2f", " mm")
-        line("Residual samples (beam-on decisions)", f["residual_samples"], "d")
+        line("Residual samples (surrogate samples with the beam on)", f["residual_samples"], "d")
         gt = self._ground_truth_residual()
         if gt is not None:
             rows.append(
@@ -699,8 +700,9 @@ class _Session:
             )
         note = (
             "<p class=caption>Residual motion = |estimated internal position on the gated axis "
-            "- window centre| at each surrogate decision with the beam on (source: the "
-            "estimates, not a ground truth"
+            "- window centre| at each surrogate sample with the beam on: the decision in force "
+            f"one beam delay earlier ({self.horizon * 1e3:.0f} ms, the configured horizon) "
+            "enabled it (source: the estimates, not a ground truth"
             + ("; the ground-truth row uses the ground_truth device" if gt else "")
             + ").</p>"
         )
@@ -711,9 +713,11 @@ class _Session:
         if d["gt_xyz"] is None or not d["edges"]:
             return None
         t, x = d["gt_t"], d["gt_xyz"][:, self.axis]
-        on = _state_at(d["edges"], t)
+        # the beam at t follows the gating edge recorded one beam delay earlier
+        t_edge = t - self.beam_delay
+        on = _state_at(d["edges"], t_edge)
         wt, lo, hi = d["window"]
-        k = np.searchsorted(wt, t, side="right") - 1
+        k = np.searchsorted(wt, t_edge, side="right") - 1
         center = (lo[k] + hi[k]) / 2
         res = np.abs(x - center)[on & np.isfinite(x)]
         if not res.size:

@@ -112,7 +112,10 @@ def test_a_recorded_session_replays_decision_for_decision(recorded):
     assert 0.0 < result.duty_cycle < 1.0
     assert result.holds_by_reason["operator_hold"]["count"] == 1
     assert result.holds_by_reason["outside_window"]["count"] >= 1
-    assert 0.0 <= result.residual_mean_mm <= result.residual_p95_mm < 5.0
+    # at most half the window (2.5 mm) plus the target's travel in the 0.4 s the beam takes
+    # to follow (<= 3.8 mm in the simulated 12 mm, 4 s breath; the predictor has not learnt
+    # yet in so short a session), plus noise
+    assert 0.0 <= result.residual_mean_mm <= result.residual_p95_mm < 7.0
     assert result.residual_source == "estimate"
     assert result.treatment_time_s == pytest.approx(result.duration_s, abs=0.1)
     assert result.recorded["duty_cycle"] == pytest.approx(result.duty_cycle)
@@ -268,3 +271,17 @@ def test_a_text_file_is_refused(tmp_path):
         replay(text)
     with pytest.raises(LogFormatError, match="no such file"):
         replay(tmp_path / "absent.sqlite")
+
+
+def test_the_residual_is_taken_where_the_beam_follows_the_decision():
+    # The gate enables the beam at 1.0 s on the position predicted 0.4 s ahead; the beam
+    # responds 0.4 s later. While the decision says on (1.0-2.0 s) the target is still far
+    # off (5 mm); by the time the beam is on (1.4-2.4 s) it is at the centre (0 mm).
+    from motionctl.replay import _beam_on_residuals
+
+    timeline = [(0.0, 0, "outside_window"), (1.0, 1, ""), (2.0, 0, "outside_window")]
+    positions = [(k / 10 + 0.05, 5.0 if k < 14 else 0.0, 0.0) for k in range(30)]
+    at_delay = _beam_on_residuals(timeline, positions, 0.4)
+    assert len(at_delay) == 10 and set(at_delay) == {0.0}  # 1.45 ... 2.35 s
+    at_decision = _beam_on_residuals(timeline, positions, 0.0)
+    assert len(at_decision) == 10 and max(at_decision) == 5.0  # the old, misleading figure
