@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from motionctl import integrity
+from motionctl import __version__, integrity
 from motionctl.config import (
     ConfigError,
     _check_components,
@@ -245,6 +245,8 @@ def replay(path: str | Path, overrides: Sequence[str] = (), *, force: bool = Fal
             )
         recorded_cfg = _recorded_config(db, path)
         end_t = _end_time(tables)
+        row = db.execute("SELECT value FROM meta WHERE key='motionctl_version'").fetchone()
+        recorded_version = row[0] if row else "an unknown version"
     finally:
         db.close()
     cfg = apply_overrides(recorded_cfg, overrides)
@@ -255,6 +257,13 @@ def replay(path: str | Path, overrides: Sequence[str] = (), *, force: bool = Fal
     notes: list[str] = []
     if not has_decisions:
         notes.append("the log has no decisions (an import?): replayed as a what-if")
+    elif recorded_version != __version__:
+        # The tracking and gating change between versions: a divergence may be that, not a
+        # fault of the log (the replay still compares and reports every one).
+        notes.append(
+            f"recorded by motionctl {recorded_version}, replayed with {__version__}: "
+            "decisions of another version may differ"
+        )
     if not checked.ok:
         notes.append(f"UNVERIFIED log replayed by force: {checked.reason}")
     skip_windows = any(item.partition("=")[0].strip() in WINDOW_KEYS for item in overrides)

@@ -285,3 +285,16 @@ def test_the_residual_is_taken_where_the_beam_follows_the_decision():
     assert len(at_delay) == 10 and set(at_delay) == {0.0}  # 1.45 ... 2.35 s
     at_decision = _beam_on_residuals(timeline, positions, 0.0)
     assert len(at_decision) == 10 and max(at_decision) == 5.0  # the old, misleading figure
+
+
+@pytest.mark.rig
+def test_a_log_of_another_version_says_so(copy_of):
+    path = copy_of()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE meta SET value='0.0.1' WHERE key='motionctl_version'")
+    db.close()
+    result = replay(path, force=True)  # the edit breaks the hash chain, as it should
+    assert not result.verified
+    assert any("recorded by motionctl 0.0.1" in note for note in result.notes), result.notes
+    assert not any("recorded by motionctl" in note for note in replay(copy_of("b")).notes)
