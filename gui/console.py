@@ -46,7 +46,7 @@ from motionctl.gui.state import (
 )
 
 DISPLAY_FPS = 30.0
-SLOW_PANEL_EVERY = 6  # devices, interlocks and model at 30/6 = 5 Hz: text, not motion
+SLOW_PANEL_EVERY = 6  # devices, interlocks, model, X-ray at 30/6 = 5 Hz: not motion
 ANSWER_TIMEOUT_S = 3.0  # how long a sent command waits for the controller's answer
 HOLD_KEYS = (Qt.Key.Key_Escape, Qt.Key.Key_Space)
 HOLD_KEYS_TEXT = "key: Esc or Space"
@@ -281,6 +281,8 @@ class ConsoleWindow(QMainWindow):
             self.devices.update_devices(state.devices)
             self.alarms.update_alarms(state.alarms)
             self.correlation.update_state(state)
+            imaging = state.imaging
+            self.imaging.show_frames(imaging.views, state.t, imaging.message)
         self.frames += 1
 
     def _update_coaching(self, state: ConsoleState) -> None:

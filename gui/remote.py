@@ -12,11 +12,14 @@ decision, let alone change one.
   builds one ``ConsoleState`` with the same ``LiveSource`` the in-process console uses
   (the status, the gate, and the trace rows that are new since the last frame) and sends
   it, only once the console has drawn the previous one (so a slow console gets fewer
-  frames, never a backlog). It forwards the console's commands to ``controller.submit``
-  and answers window checks with ``controller.core.window_refusal``, before anything is
-  sent. Its cost to the controller's process: about 0.2 ms of one core per frame.
+  frames, never a backlog). An X-ray image (<= 256 px, uint8: ~50 kB a view) goes out
+  in the first frame after it arrived (about once a second), never again. It forwards the
+  console's commands to ``controller.submit`` and answers window checks with
+  ``controller.core.window_refusal``, before anything is sent. Its cost to the
+  controller's process: about 0.2 ms of one core per frame.
 - ``RemoteSource``: the console's source in the child process. It appends the new rows to
-  a ``LiveTrace`` ring of its own and hands the same ``ConsoleWindow`` full frames.
+  a ``LiveTrace`` ring of its own, keeps the last image of each X-ray view, and hands the
+  same ``ConsoleWindow`` full frames.
   The child runs at a lower scheduling priority (nice +10), so that on a machine with
   few cores the controller's threads come first.
 
@@ -94,7 +97,11 @@ class ConsoleBridge:
                 if ready and now >= next_frame and not close_sent:
                     # Only the rows the console has not had: a frame is then a few
                     # hundred bytes, not the whole span.
-                    state = self.source.state(self.span_s, since_t=math.nextafter(last_t, math.inf))
+                    state = self.source.state(
+                        self.span_s,
+                        since_t=math.nextafter(last_t, math.inf),
+                        new_images_only=True,
+                    )
                     if len(state.trace["t"]):
                         last_t = float(state.trace["t"][-1])
                     self.conn.send(("state", state))
@@ -142,6 +149,7 @@ class RemoteSource:
         self._request_id = 0
         self._answers: dict[int, str] = {}
         self._state: ConsoleState | None = None
+        self._images: dict[str, tuple[int, np.ndarray]] = {}  # imager -> (frame id, image)
         self._trace = LiveTrace(
             seconds=max(SPANS_S) + 10.0, rate_hz=cfg["tracking"]["surrogate_rate_hz"]
         )
@@ -165,7 +173,7 @@ class RemoteSource:
                 self._request_close()
                 break
             if message[0] == "state":
-                self._state, new = message[1], True
+                self._state, new = self._with_images(message[1]), True
                 rows = np.column_stack([self._state.trace[name] for name in COLUMNS])
                 for row in rows:
                     self._trace.append(row)
@@ -174,6 +182,22 @@ class RemoteSource:
             elif message[0] == "close":
                 self._request_close()
         return new
+
+    def _with_images(self, state: ConsoleState) -> ConsoleState:
+        """The state with each X-ray view's image: the bridge sends an image once."""
+        views = []
+        for view in state.imaging.views:
+            if view.image is not None:
+                self._images[view.imager] = (view.frame_id, view.image)
+            else:
+                frame_id, image = self._images.get(view.imager, (None, None))
+                if frame_id == view.frame_id:
+                    view = dataclasses.replace(view, image=image)
+            views.append(view)
+        if not views:
+            return state
+        imaging = dataclasses.replace(state.imaging, views=tuple(views))
+        return dataclasses.replace(state, imaging=imaging)
 
     def _request_close(self) -> None:
         if not self.close_requested:

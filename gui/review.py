@@ -6,7 +6,8 @@ trace (from the ``estimates`` table), the beam-on strip and the hold reasons (ea
 decision, from ``decisions``), the gating window and operator settings (operator events),
 the interlocks with their times (interlock events), and the devices (sample times and
 device events). The QA reviewer scrubs with the slider, plays at real time, or clicks an
-interlock to jump to it. Nothing can be sent: the window has no controls.
+interlock to jump to it. Nothing can be sent: the window has no controls. The X-ray panel
+says that the log holds no images (it records each frame's localisation, not the image).
 
 Entry points: ``run_review(log_path, screenshot=None)`` for the CLI, and
 ``open_review(log_path)`` (returns the shown window; creates the QApplication if needed).
@@ -28,6 +29,8 @@ from motionctl.gui import widgets as w
 from motionctl.gui.console import ConsoleWindow, application, run_window
 from motionctl.gui.reasons import describe
 from motionctl.gui.state import (
+    NO_IMAGER,
+    NO_IMAGES_IN_LOG,
     RATE_WINDOW_S,
     RECENT_CLEARED,
     SPANS_S,
@@ -35,6 +38,7 @@ from motionctl.gui.state import (
     ConsoleState,
     DeviceRow,
     GateView,
+    ImagingView,
     ModelView,
     prior_target,
     surrogate_span,
@@ -83,6 +87,9 @@ class ReviewSource:
         self.t_end = max(ends, default=0.0)
         self.t = self.t_end
         self.summary = summarize(self.path)
+        # The log keeps each frame's localisation (the fiducials table), not the image.
+        imaged = "xray" in self.summary["devices"]
+        self._imaging_message = NO_IMAGES_IN_LOG if imaged else NO_IMAGER
         self._model_key: tuple | None = None
         self._model: ModelView | None = None
 
@@ -211,6 +218,7 @@ class ReviewSource:
             alarms=self._alarms(t),
             devices=self._devices(t, beam_fault or None),
             model=self._model_view(gate, trace, hi - 1),
+            imaging=ImagingView(message=self._imaging_message),
         )
 
     def _gate_view(self, t: float) -> GateView:

@@ -2,13 +2,15 @@
 
 ``ConsoleState`` is one frame of the console: the trace of the last seconds, the gate's
 decision and its reasons, the gating window, the devices, the interlocks, the correlation
-model and the breath-hold level. Two sources produce it:
+model, the breath-hold level and the latest X-ray image of each imager view. Two sources
+produce it:
 
 - ``LiveSource`` reads a running ``Controller``: ``controller.status`` (replaced field by
   field by the controller thread, only read here), ``controller.gate`` and a
   ``LiveTrace.snapshot`` copy. It is called by the console's display timer on the GUI
   thread, never per sample, and never blocks the controller: the only lock it takes is the
-  trace's, for one array copy.
+  trace's, for one array copy. X-ray images are reduced for display (``display_image``:
+  <= 256 px, uint8) once per new frame, here, never on the controller's threads.
 - ``ReviewSource`` (in ``review.py``) rebuilds the same frame at any time of a recorded
   session log.
 
@@ -35,6 +37,13 @@ SPANS_S = (30, 60, 90, 120)  # the trace spans the operator can choose, seconds
 RATE_WINDOW_S = 2.0  # sample rates are counted over this much of the recent past
 RECENT_CLEARED = 5  # cleared interlocks kept in the list below the active ones
 MODEL_CURVE_POINTS = 41
+DISPLAY_IMAGE_PX = 256  # longest side of an X-ray image as the console shows it
+LOCALISING_S = 2.0  # a frame with no localisation result after this: "not localised"
+TAKING_IN_S = 0.5  # a measurement this new may not have reached the correlation model yet
+
+NO_IMAGER = "no X-ray imager in this session"
+WAITING_FOR_IMAGE = "waiting for the first X-ray image"
+NO_IMAGES_IN_LOG = "no X-ray images in the session log"
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,35 @@ class ModelView:
 
 
 @dataclass(frozen=True)
+class XrayView:
+    """The latest image of one imager view and what became of it."""
+
+    imager: str  # the imager's name, e.g. "kv_a"
+    frame_id: int
+    t_rx: float  # session seconds when the image arrived
+    # (h, w) uint8 for display (attenuation bright, as a radiograph), <= DISPLAY_IMAGE_PX on
+    # its long side. None only in the bridge's frames: the same image as the last frame
+    # that carried one for this view (``RemoteSource`` puts it back).
+    image: np.ndarray | None
+    # (N, 2) x (column), y (row) in the display image's pixels (centres at integers): where
+    # the accepted localisation puts the seeds in this view; empty if none.
+    seeds_px: np.ndarray
+    outcome: str  # "model point", "rejected: too few seeds ...", "localising", ...
+    accepted: bool | None = None  # the localiser's verdict; None while there is none
+
+
+@dataclass(frozen=True)
+class ImagingView:
+    """The X-ray panel: the views, or why there are none (``message``)."""
+
+    views: tuple[XrayView, ...] = ()
+    message: str = NO_IMAGER
+
+
+NO_IMAGING = ImagingView()
+
+
+@dataclass(frozen=True)
 class ConsoleState:
     t: float  # session seconds: now (live) or the scrub time (review)
     trace: dict[str, np.ndarray]  # COLUMNS of livestate, oldest first, up to t
@@ -105,6 +143,7 @@ class ConsoleState:
     model: ModelView
     valve_closed: bool = False
     last_refusal: str = ""
+    imaging: ImagingView = NO_IMAGING
 
     @property
     def operator_hold(self) -> bool:
@@ -162,6 +201,65 @@ def inhale_direction(cfg: dict[str, Any], gate: GateView) -> float:
     return -1.0 if gain < 0 else 1.0
 
 
+def display_image(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """An X-ray image for the screen, as a radiograph: block-averaged by an integer factor
+    to at most ``DISPLAY_IMAGE_PX`` on its long side; raw transmission turned into
+    attenuation (-log, so bone and gold are bright and the soft tissue is not crushed into
+    the top grey levels); windowed from its 1st to its 99th percentile, over the pixels the
+    body attenuates (saturated open field left out: it would take the window's top).
+    Returns (uint8 image, factor)."""
+    a = np.asarray(image)
+    factor = max(1, math.ceil(max(a.shape) / DISPLAY_IMAGE_PX))
+    h, w = a.shape[0] // factor, a.shape[1] // factor
+    small = (
+        a[: h * factor, : w * factor]
+        .reshape(h, factor, w, factor)
+        .mean(axis=(1, 3), dtype=np.float32)
+    )
+    top = float(small.max())
+    attenuation = -np.log(np.maximum(small, 1.0) / max(top, 1.0))
+    body = attenuation[small < top]
+    lo, hi = np.percentile(body if body.size >= 0.01 * small.size else attenuation, (1, 99))
+    scaled = (attenuation - lo) * (255.0 / max(float(hi - lo), 1e-6))
+    return np.clip(scaled, 0.0, 255.0).astype(np.uint8), factor
+
+
+def seed_pixels(geometry, plan_mm: np.ndarray, position_mm, rotation_deg) -> np.ndarray:
+    """Full-resolution pixels (N, 2) of the planned seeds placed at a localised position and
+    rotation (no rotation if it is unknown: fewer than 3 seeds fitted)."""
+    from scipy.spatial.transform import Rotation
+
+    from motionctl.fiducials import project_points
+
+    rotation = np.eye(3)
+    if all(math.isfinite(a) for a in rotation_deg):
+        rotation = Rotation.from_euler("xyz", rotation_deg, degrees=True).as_matrix()
+    points = plan_mm @ rotation.T + np.asarray(position_mm, dtype=np.float64)
+    return project_points(geometry, points)
+
+
+def outcome_text(
+    measurement, model_point: bool | None, disagreement_mm: float | None, planned: int
+) -> str:
+    """What became of a localised frame, in a few words. ``model_point``: whether its
+    position is one of the correlation model's points (None: not known yet, the controller
+    is still taking it in); ``planned``: the planned number of seeds."""
+    m = measurement
+    if not m.accepted:
+        return "rejected: " + (m.reason or "no reason given").replace("_", " ")
+    if model_point is None:
+        text = "localised"
+    elif model_point:
+        text = "model point"
+    else:
+        text = "localised, not a model point"
+    if m.n_seeds < planned:
+        text += f" ({m.n_seeds} of {planned} seeds)"
+    if disagreement_mm is not None:
+        text += f"; disagrees with the estimate by {disagreement_mm:.1f} mm"
+    return text
+
+
 class _RateCounter:
     """Per-device sample rates from the sample counts seen over the last seconds."""
 
@@ -215,6 +313,12 @@ class LiveSource:
         self._alarms = _AlarmBook()
         self._model_key: tuple | None = None
         self._model: ModelView | None = None
+        self._plan_mm: np.ndarray | None = None
+        # imager -> (frame, display image, factor): each frame is reduced once
+        self._displayed: dict[str, tuple[Any, np.ndarray, int]] = {}
+        # (imager, frame id, measurement) -> seed pixels: each localisation projected once
+        self._marks: dict[str, tuple[tuple, np.ndarray]] = {}
+        self._sent: dict[str, Any] = {}  # imager -> the frame whose image was last sent
         self.read_only = False
 
     # -- commands (forwarded to the controller's queue; its thread carries them out) ------
@@ -230,9 +334,13 @@ class LiveSource:
     def now(self) -> float:
         return self.controller.session_t(self._clock())
 
-    def state(self, span_s: float, since_t: float | None = None) -> ConsoleState:
+    def state(
+        self, span_s: float, since_t: float | None = None, new_images_only: bool = False
+    ) -> ConsoleState:
         """The frame now; its trace holds the last ``span_s`` seconds, or the rows after
-        ``since_t`` if given (the console bridge sends only what is new)."""
+        ``since_t`` if given (the console bridge sends only what is new). With
+        ``new_images_only`` (the bridge) an X-ray view carries its image only in the first
+        frame built after the image arrived, and ``image=None`` after that."""
         t = self.now()
         st = self.controller.status
         snap = self.controller.live.snapshot(
@@ -258,7 +366,79 @@ class LiveSource:
             model=self._model_view(gate, trace),
             valve_closed=st.valve_closed,
             last_refusal=st.last_refusal,
+            imaging=self._imaging_view(t, st.interlocks, new_images_only),
         )
+
+    def _imaging_view(
+        self, t: float, interlocks: tuple[str, ...], new_images_only: bool
+    ) -> ImagingView:
+        latest = getattr(self.controller, "latest_xray", None)
+        xray = latest() if latest is not None else None
+        if xray is None or not xray.configured:
+            return ImagingView(message=NO_IMAGER)
+        if not xray.frames:
+            return ImagingView(message=WAITING_FOR_IMAGE)
+        estimator = self.controller.core.estimator
+        point_times = estimator.correlation.point_times[-4:]
+        newest = next(reversed(xray.measurements), None)  # the last one delivered
+        views = []
+        for imager in sorted(xray.frames):
+            frame = xray.frames[imager]
+            shown = self._displayed.get(imager)
+            if shown is None or shown[0] is not frame:
+                shown = self._displayed[imager] = (frame, *display_image(frame.image))
+            _, image, factor = shown
+            m = xray.measurements.get(frame.frame_id)
+            t_rx = self.controller.session_t(frame.t_rx)
+            seeds = np.empty((0, 2))
+            accepted = None
+            if m is None:
+                outcome = "localising" if t - t_rx < LOCALISING_S else "not localised"
+            else:
+                accepted = m.accepted
+                t_acq = self.controller.session_t(m.t_acq)
+                model_point = any(abs(p - t_acq) < 1e-6 for p in point_times) or (
+                    None if t - self.controller.session_t(m.t_rx) < TAKING_IN_S else False
+                )
+                disagrees = None
+                if (
+                    m.accepted
+                    and m.frame_id == newest
+                    and estimator.fiducial_reason == "fiducial_disagreement"
+                    and math.isfinite(estimator.last_check_mm)
+                ):
+                    disagrees = estimator.last_check_mm
+                outcome = outcome_text(m, model_point, disagrees, len(self._plan()))
+                if m.accepted:
+                    # display pixel k averages full pixels k*f .. k*f + f - 1
+                    seeds = (self._seed_marks(imager, frame, m) - (factor - 1) / 2) / factor
+            if new_images_only:
+                if self._sent.get(imager) is frame:
+                    image = None
+                else:
+                    self._sent[imager] = frame
+            views.append(XrayView(imager, frame.frame_id, t_rx, image, seeds, outcome, accepted))
+        return ImagingView(tuple(views), "")
+
+    def _plan(self) -> np.ndarray:
+        """The planned seeds (N, 3), relative to the target point (mm)."""
+        if self._plan_mm is None:
+            from motionctl.settings import seed_plan
+
+            self._plan_mm = seed_plan(self.cfg).points
+        return self._plan_mm
+
+    def _seed_marks(self, imager: str, frame, measurement) -> np.ndarray:
+        """Full-resolution pixels of the localised seeds in one view (cached per frame)."""
+        key = (frame.frame_id, measurement.position_mm, measurement.rotation_deg)
+        cached = self._marks.get(imager)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        px = seed_pixels(
+            frame.geometry, self._plan(), measurement.position_mm, measurement.rotation_deg
+        )
+        self._marks[imager] = (key, px)
+        return px
 
     def _gate_view(self) -> GateView:
         gate, g = self.controller.gate, self.cfg["gating"]

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pyqtgraph as pg
 from PyQt6.QtCore import QPointF, QRectF, Qt, pyqtSignal
-from PyQt6.QtGui import QBrush, QColor, QFont, QPainter, QPen, QPolygonF
+from PyQt6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPen, QPolygonF
 from PyQt6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -868,37 +868,168 @@ class CorrelationPanel(QGroupBox):
         self.now.setData(s[-1:], y[-1:])
 
 
+class XrayImageView(QWidget):
+    """One X-ray image, drawn to its width with its aspect kept, the localised seeds ringed
+    and the imager's name in its corner.
+
+    Plain painting (a QImage and a few ellipses), not a pyqtgraph view box: it is redrawn
+    about once a second, needs no zoom or pan, and a view box painted after the console
+    window was deleted crashed the test process (a known pyqtgraph teardown hazard)."""
+
+    SEED_MARK = "#00e5ff"  # cyan rings: stand out on a grey radiograph, not a beam colour
+    RING_RADIUS_PX = 5.0
+
+    def __init__(self, name: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.name = name
+        self.image: np.ndarray | None = None  # (h, w) uint8, as shown
+        self.seeds = np.empty((0, 2))  # x, y in the image's pixels (centres at integers)
+        self._qimage: QImage | None = None
+        policy = QSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        policy.setHeightForWidth(True)
+        self.setSizePolicy(policy)
+        self.setMinimumSize(60, 45)
+
+    def set_image(self, image: np.ndarray | None) -> None:
+        if image is None:
+            self.image, self._qimage = None, None
+        else:
+            # QImage reads the array's memory: keep the (contiguous) array alive with it
+            self.image = np.ascontiguousarray(image, dtype=np.uint8)
+            h, w = self.image.shape
+            self._qimage = QImage(
+                self.image.data, w, h, self.image.strides[0], QImage.Format.Format_Grayscale8
+            )
+        self.updateGeometry()
+        self.update()
+
+    def set_seeds(self, seeds: np.ndarray) -> None:
+        seeds = np.asarray(seeds, dtype=float).reshape(-1, 2)
+        seeds = seeds[np.isfinite(seeds).all(axis=1)]
+        if seeds.shape != self.seeds.shape or not np.array_equal(seeds, self.seeds):
+            self.seeds = seeds
+            self.update()
+
+    def hasHeightForWidth(self) -> bool:  # noqa: N802 - Qt's name
+        return True
+
+    def heightForWidth(self, width: int) -> int:  # noqa: N802 - Qt's name
+        h, w = self.image.shape if self.image is not None else (3, 4)
+        return max(45, math.ceil(width * h / w))
+
+    def _target(self) -> QRectF:
+        """Where the image goes: as large as fits, aspect kept, centred."""
+        h, w = self.image.shape
+        scale = min(self.width() / w, self.height() / h)
+        tw, th = w * scale, h * scale
+        return QRectF((self.width() - tw) / 2, (self.height() - th) / 2, tw, th)
+
+    def paintEvent(self, _event) -> None:  # noqa: N802 - Qt's name
+        p = QPainter(self)
+        p.fillRect(self.rect(), QColor(BACKGROUND))
+        if self._qimage is None:
+            return
+        target = self._target()
+        p.drawImage(target, self._qimage)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        scale = target.width() / self.image.shape[1]
+        pen = QPen(QColor(self.SEED_MARK))
+        pen.setWidthF(1.5)
+        p.setPen(pen)
+        p.setBrush(Qt.BrushStyle.NoBrush)
+        r = self.RING_RADIUS_PX
+        for x, y in self.seeds:  # pixel (x, y) covers [x, x + 1): ring its centre
+            centre = QPointF(target.left() + (x + 0.5) * scale, target.top() + (y + 0.5) * scale)
+            p.drawEllipse(centre, r, r)
+        p.setFont(_font(8))
+        box = p.fontMetrics().boundingRect(self.name).adjusted(-3, -1, 3, 1)
+        box.moveTopLeft(target.topLeft().toPoint())
+        p.fillRect(box, QColor(0, 0, 0, 140))
+        p.setPen(QColor(TEXT))
+        p.drawText(box, Qt.AlignmentFlag.AlignCenter, self.name)
+
+
 class ImagingPanel(QGroupBox):
-    """The latest X-ray frames; "No imaging" until a source delivers them."""
+    """The latest X-ray image of each imager view, the seeds the localiser found marked on
+    it, and one line per view: frame, age and what became of it. Without images, a
+    placeholder says why ("no X-ray imager in this session", "waiting for the first X-ray
+    image", "no X-ray images in the session log")."""
+
+    # As wide as its placeholder made it before it showed images: the panels beside it keep
+    # their widths whatever it shows.
+    MIN_WIDTH = 272
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__("X-ray imaging", parent)
-        self.placeholder = QLabel("No imaging\n\nno X-ray frames in this session")
+        self.setMinimumWidth(self.MIN_WIDTH)
+        self.placeholder = QLabel()
         self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.placeholder.setWordWrap(True)
         self.placeholder.setStyleSheet(f"color: {MUTED}; font-size: 13pt;")
-        self.images = pg.GraphicsLayoutWidget()
-        self.images.setBackground(BACKGROUND)
+        self.images = QHBoxLayout()
+        self.images.setContentsMargins(0, 0, 0, 0)
+        self.images.setSpacing(4)
+        self.captions = QVBoxLayout()
+        self.captions.setContentsMargins(2, 0, 2, 0)
+        self.captions.setSpacing(0)
+        self.frames_page = QWidget()
+        page = QVBoxLayout(self.frames_page)
+        page.setContentsMargins(0, 0, 0, 0)
+        page.setSpacing(2)
+        page.addLayout(self.images)
+        page.addLayout(self.captions)
+        page.addStretch(1)
         self.stack = QStackedWidget()
         self.stack.addWidget(self.placeholder)
-        self.stack.addWidget(self.images)
+        self.stack.addWidget(self.frames_page)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self.stack)
-        self._items: dict[str, pg.ImageItem] = {}
+        self._items: dict[str, XrayImageView] = {}
+        self._caption_labels: dict[str, _CachedLabel] = {}
+        self._shown: dict[str, object] = {}  # imager -> the image array it shows
+        self.show_placeholder("no X-ray imager in this session")
 
-    def show_frames(self, frames: list[tuple[str, np.ndarray]]) -> None:
-        """Show the latest frame of each view (name, 2-D image); an empty list: no imaging."""
-        if not frames:
+    def show_placeholder(self, message: str) -> None:
+        """No images: say why."""
+        text = f"No imaging\n\n{message}"
+        if text != self.placeholder.text():
+            self.placeholder.setText(text)
+        if self.stack.currentWidget() is not self.placeholder:
             self.stack.setCurrentWidget(self.placeholder)
+
+    def show_frames(self, frames, now_t: float = math.nan, message: str = "") -> None:
+        """Show the latest frame of each view: ``frames`` are ``state.XrayView``s (imager,
+        frame_id, t_rx, image, seeds_px, outcome, accepted); ``now_t`` (session seconds)
+        gives their age. No frames: the placeholder with ``message``."""
+        if not frames:
+            self.show_placeholder(message or "no X-ray frames")
             return
-        for name, image in frames:
+        for view in frames:
+            name = view.imager
             item = self._items.get(name)
             if item is None:
-                box = self.images.addViewBox(lockAspect=True, invertY=True)
-                item = self._items[name] = pg.ImageItem(axisOrder="row-major")
-                box.addItem(item)
-            item.setImage(np.asarray(image))
-        self.stack.setCurrentWidget(self.images)
+                item = self._items[name] = XrayImageView(name)
+                self.images.addWidget(item)
+                caption = self._caption_labels[name] = _CachedLabel()
+                caption.setWordWrap(True)  # a long rejection reason: on two lines, not cut
+                # its text never widens the panel
+                caption.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+                self.captions.addWidget(caption)
+            caption = self._caption_labels[name]
+            if view.image is not self._shown.get(name):
+                self._shown[name] = view.image
+                item.set_image(view.image)
+            item.set_seeds(view.seeds_px)
+            age = now_t - view.t_rx
+            age_text = f", {max(0.0, age):.1f} s ago" if math.isfinite(age) else ""
+            text = f"{name} #{view.frame_id}{age_text}: {view.outcome}"
+            colour = MUTED if view.accepted is None else TEXT if view.accepted else ROUTINE_HOLD
+            caption.set_text(text)
+            caption.set_style(f"color: {colour}; font-size: 9pt;")
+            caption.setToolTip(text)
+        if self.stack.currentWidget() is not self.frames_page:
+            self.stack.setCurrentWidget(self.frames_page)
 
 
 # =========================================================================================

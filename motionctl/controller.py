@@ -10,6 +10,11 @@ horizon follows the two, ``motionctl.latency``). It wakes by itself at the next 
 commands arrive through the same queue, so there is exactly one writer of the gate's inputs
 and a frozen console cannot change what the gate does.
 
+X-ray frames pass through here on their way to the fiducial worker, and its measurements on
+their way into the queue: both taps only keep a reference to the newest (``latest_xray``,
+for the console's image panel; read at most a few times a second, off this module's
+threads). Neither touches the controller thread's per-sample path.
+
 This module and the CLI are the only places that wire drivers, core and log together.
 """
 
@@ -43,13 +48,27 @@ from motionctl.types import (
     GateDecision,
     SpirometerSample,
     SurrogateSample,
+    XrayFrame,
 )
 
 log = logging.getLogger("motionctl.controller")
 
 _STOP = object()
 
-__all__ = ["Controller", "OperatorCommand"]
+XRAY_RESULTS_KEPT = 8  # the newest fiducial measurements kept for the console, by frame id
+
+__all__ = ["Controller", "LatestXray", "OperatorCommand"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatestXray:
+    """What the console's image panel needs, as the controller last saw it: the newest frame
+    of each imager view (the driver's own read-only arrays, not copies) and the newest
+    fiducial measurements by frame id (controller clock, as the worker delivered them)."""
+
+    configured: bool  # an X-ray imager is part of this session
+    frames: dict[str, XrayFrame]  # imager name -> its newest frame
+    measurements: dict[int, FiducialMeasurement]  # frame id -> its localisation
 
 
 class Controller:
@@ -108,17 +127,21 @@ class Controller:
                 spirometer_url, self._queue.put, name="spirometer", clock=clock
             )
         self.xray = self.fiducials = None
+        # The console's view of imaging: replaced (never mutated) by the driver's and the
+        # worker's threads, read by the console's; one reference store per frame.
+        self._xray_frames: dict[str, XrayFrame] = {}
+        self._xray_measurements: dict[int, FiducialMeasurement] = {}
         if xray_address is not None:
             self.fiducials = FiducialWorker(
                 seed_plan(cfg),
                 stereo=cfg["imaging"]["geometry"] == "stereo",
-                deliver=self._queue.put,
+                deliver=self._from_fiducial_worker,
                 latest_estimate=lambda: self.core.status.estimate,
                 pair_timeout_s=cfg["imaging"]["pair_timeout_s"],
                 clock=clock,
             )
             self.xray = XrayImageDriver(
-                *xray_address, self.fiducials.submit, name="xray", clock=clock
+                *xray_address, self._from_xray_driver, name="xray", clock=clock
             )
             xhost, xport = xray_address
             self.log.device("xray", cfg["devices"]["xray"]["kind"], f"{xhost}:{xport}")
@@ -187,6 +210,28 @@ class Controller:
 
     def session_t(self, t: float) -> float:
         return t - self.t0
+
+    def latest_xray(self) -> LatestXray:
+        """The newest X-ray frame of each view and the newest measurements (any thread)."""
+        return LatestXray(
+            configured=self.xray is not None,
+            frames=self._xray_frames,
+            measurements=self._xray_measurements,
+        )
+
+    # -- X-ray taps (the image driver's and the fiducial worker's threads) ------------------
+    def _from_xray_driver(self, item: object) -> None:
+        """The image driver's sink: note the frame as its view's newest, then localise."""
+        if isinstance(item, XrayFrame):
+            self._xray_frames = {**self._xray_frames, item.geometry.imager: item}
+        self.fiducials.submit(item)
+
+    def _from_fiducial_worker(self, item: object) -> None:
+        """The fiducial worker's output: note a measurement, then queue it for the core."""
+        if isinstance(item, FiducialMeasurement):
+            kept = list(self._xray_measurements.items())[-(XRAY_RESULTS_KEPT - 1) :]
+            self._xray_measurements = {**dict(kept), item.frame_id: item}
+        self._queue.put(item)
 
     # -- controller thread -----------------------------------------------------------------
     def _on_log_failure(self, reason: str) -> None:

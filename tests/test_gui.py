@@ -148,12 +148,13 @@ def test_dragged_and_typed_windows_are_applied_on_confirmation_and_logged(sessio
     s = session()
     window = console(s)
     gate, editor = s.controller.gate, window.editor
+    configured = (s.cfg["gating"]["center_mm"], s.cfg["gating"]["window_mm"])
 
     # drag the window's edges on the trace: nothing changes until Apply
     window.trace.window_edit.setRegion((-6.0, 1.0))
     assert editor.pending == (-2.5, 7.0) and editor.editing
     assert "Not applied" in editor.message.text()
-    assert (gate.center_mm, gate.window_mm) == (-2.0, 5.0)
+    assert (gate.center_mm, gate.window_mm) == configured
     qtbot.mouseClick(editor.apply_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: (gate.center_mm, gate.window_mm) == (-2.5, 7.0), timeout=2000)
     qtbot.waitUntil(lambda: editor.message.text().startswith("Applied"), timeout=2000)
@@ -171,7 +172,7 @@ def test_dragged_and_typed_windows_are_applied_on_confirmation_and_logged(sessio
     # the controller logged who, when, old and new
     qtbot.waitUntil(lambda: len(s.operator_events("window")) == 2, timeout=2000)
     first, second = s.operator_events("window")
-    assert first == {"who": OPERATOR, "value": [-2.5, 7.0], "old": [-2.0, 5.0]}
+    assert first == {"who": OPERATOR, "value": [-2.5, 7.0], "old": list(configured)}
     assert second == {"who": OPERATOR, "value": [-3.5, 4.0], "old": [-2.5, 7.0]}
 
 
@@ -190,7 +191,10 @@ def test_an_invalid_typed_window_is_refused_with_a_reason_and_changes_nothing(
     qtbot.mouseClick(editor.apply_button, Qt.MouseButton.LeftButton)
     assert "outside physical limits" in editor.message.text()
     qtbot.wait(300)  # longer than the log's commit interval
-    assert (gate.center_mm, gate.window_mm) == (-2.0, 5.0)
+    assert (gate.center_mm, gate.window_mm) == (
+        s.cfg["gating"]["center_mm"],
+        s.cfg["gating"]["window_mm"],
+    )
     assert s.operator_events("window") == []  # nothing was sent, so nothing logged
     assert editor.editing  # the operator's values stay, to be corrected
 
