@@ -845,9 +845,9 @@ def _beam_on_residuals(
     latest sample's at or before it)."""
     if not positions or not timeline:
         return np.empty(0)
-    t, x, centre = (np.asarray(c, dtype=float) for c in zip(*positions, strict=True))
-    dec_t = np.asarray([d[0] for d in timeline], dtype=float)
-    dec_on = np.asarray([d[1] for d in timeline], dtype=bool)
+    t, x, centre = np.array(positions, dtype=float).T
+    dec_t = np.fromiter((d[0] for d in timeline), dtype=float, count=len(timeline))
+    dec_on = np.fromiter((d[1] for d in timeline), dtype=bool, count=len(timeline))
     t_beam = t - beam_delay_s  # when the decision the beam follows at t was made
     k = np.searchsorted(dec_t, t_beam, side="right") - 1
     j = np.searchsorted(t, t_beam, side="right") - 1
