@@ -173,7 +173,8 @@ class ReviewSource:
 
     def _load_devices(self, db) -> None:
         times: dict[str, list[float]] = {}
-        for table in ("samples", "spirometer_samples"):
+        # the X-ray imager's "samples" are its localised frames (one row per frame or pair)
+        for table in ("samples", "spirometer_samples", "fiducials"):
             for device, t in db.execute(f"SELECT device, t FROM {table} ORDER BY n"):  # noqa: S608
                 times.setdefault(device, []).append(t)
         self._sample_t = {d: np.array(ts) for d, ts in times.items()}

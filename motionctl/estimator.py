@@ -40,7 +40,7 @@ from motionctl.prediction import (
     horizon_samples,
     make_predictor,
 )
-from motionctl.surrogate import SurrogateParams, SurrogateProcessor
+from motionctl.surrogate import SurrogateParams, SurrogateProcessor, spike_window_samples
 from motionctl.types import AXES, MotionEstimate, SurrogateSample
 
 _NAN3 = (math.nan, math.nan, math.nan)
@@ -79,7 +79,10 @@ class MotionEstimator:
         self._axis = AXES.index(settings.surrogate_axis)
         self._sign = 1.0 if settings.inhale_positive else -1.0
         self.surrogate = surrogate or SurrogateProcessor(
-            SurrogateParams(smoothing_s=settings.smoothing_s)
+            SurrogateParams(
+                smoothing_s=settings.smoothing_s,
+                spike_window=spike_window_samples(settings.rate_hz),
+            )
         )
         # The marker's other axes, as the predictor's extra inputs (raw mm; the last finite
         # value stands in for a missing one, e.g. the absent axes of a 1-D RPM export).

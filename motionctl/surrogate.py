@@ -27,11 +27,23 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+# The Hampel window's span: 7 frames of a 30 Hz camera. In samples it must follow the rate:
+# at 5 Hz seven samples span 1.4 s, and the first fast sample after an end-exhale plateau
+# stood so far from the plateau's median that ordinary breathing was taken for spikes and
+# jumps (12 % of the samples of a LIGHT-SABR lung surrogate: each jump an interlock and a
+# predictor restart).
+SPIKE_WINDOW_S = 0.23
+
+
+def spike_window_samples(rate_hz: float) -> int:
+    """Samples in the Hampel window at this sample rate (at least 3: a median needs them)."""
+    return max(3, round(SPIKE_WINDOW_S * rate_hz))
+
 
 @dataclass(frozen=True)
 class SurrogateParams:
     smoothing_s: float = 0.04  # one-pole time constant
-    spike_window: int = 7  # samples in the Hampel median
+    spike_window: int = 7  # samples in the Hampel median (spike_window_samples(rate))
     spike_threshold: float = 4.0  # robust standard deviations
     spike_floor_mm: float = 1.0  # never call a deviation below this a spike
     jump_mm: float = 5.0  # a spike this large is a jump no breath makes in one sample

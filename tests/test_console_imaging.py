@@ -229,3 +229,6 @@ def test_stereo_images_reach_the_console_in_its_own_process_and_review_says_none
     assert review.state.imaging.message == NO_IMAGES_IN_LOG
     assert review.imaging.stack.currentWidget() is review.imaging.placeholder
     assert review.imaging.placeholder.text().endswith(NO_IMAGES_IN_LOG)
+    # ... while its device row counts the localised frames the log holds (it said "none yet")
+    xray = next(d for d in review.state.devices if d.name == "xray")
+    assert xray.samples > 0 and math.isfinite(xray.age_s)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from motionctl.surrogate import SurrogateProcessor
+from motionctl.surrogate import SurrogateParams, SurrogateProcessor, spike_window_samples
 
 
 def breathing(t, period=4.0, amplitude=10.0, drift_mm_per_s=0.0):
@@ -61,6 +61,29 @@ def test_a_spike_is_replaced_not_passed_on():
     states = run(t, x)
     assert "spike_replaced" in states[300].reasons
     assert abs(states[300].value_mm - breathing(t[300])) < 1.0
+
+
+def test_a_fast_breath_sampled_at_5_hz_is_not_a_spike_but_a_glitch_still_is():
+    # A large surrogate (55 mm peak to peak, as a LIGHT-SABR lung partner) at 5 Hz: with
+    # 7 samples (1.4 s) in the Hampel window, the first samples of each inhale stood far
+    # from the end-exhale plateau's median and were replaced and raised as jumps (each an
+    # interlock and a predictor restart). The window now follows the rate.
+    t = np.arange(0, 60, 1 / 5)
+    x = breathing(t, period=4.0, amplitude=55.0) + np.random.default_rng(1).normal(0, 0.2, t.size)
+    x[200] += 25.0  # and one genuine glitch
+
+    def flagged(window: int) -> tuple[set[int], set[int]]:
+        proc = SurrogateProcessor(SurrogateParams(spike_window=window))
+        states = [proc.step(float(a), float(b)) for a, b in zip(t, x, strict=True)]
+        spikes = {i for i, s in enumerate(states) if "spike_replaced" in s.reasons}
+        return spikes, {i for i, s in enumerate(states) if "surrogate_jump" in s.reasons}
+
+    assert spike_window_samples(30.0) == 7 and spike_window_samples(5.0) == 3
+    spikes_7, jumps = flagged(7)
+    assert len(jumps) > 10  # the old window at 5 Hz: ordinary breaths raise jumps
+    spikes, jumps = flagged(spike_window_samples(5.0))
+    assert jumps == {200} and 200 in spikes
+    assert len(spikes) < len(spikes_7) / 4
 
 
 def test_noise_is_smoothed():
