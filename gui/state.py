@@ -144,6 +144,8 @@ class ConsoleState:
     valve_closed: bool = False
     last_refusal: str = ""
     imaging: ImagingView = NO_IMAGING
+    # how long until the motion prediction can forecast (nan: unknown, e.g. in review)
+    prediction_ready_in_s: float = math.nan
 
     @property
     def operator_hold(self) -> bool:
@@ -367,6 +369,10 @@ class LiveSource:
             valve_closed=st.valve_closed,
             last_refusal=st.last_refusal,
             imaging=self._imaging_view(t, st.interlocks, new_images_only),
+            # read off the controller thread's predictor: a few plain numbers
+            prediction_ready_in_s=getattr(
+                self.controller.core.estimator.predictor, "ready_in_s", math.nan
+            ),
         )
 
     def _imaging_view(

@@ -119,7 +119,7 @@ class BeamBanner(QWidget):
         else:
             text = "BEAM HOLD"
             codes = state.reasons if state.decided else ("No decision yet: controller starting",)
-            lines = [describe(r) for r in codes[: self.MAX_REASONS]]
+            lines = [_reason_line(r, state) for r in codes[: self.MAX_REASONS]]
             if len(codes) > self.MAX_REASONS:
                 lines.append(f"and {len(codes) - self.MAX_REASONS} more (see Interlocks)")
             reasons = "\n".join(lines)
@@ -157,6 +157,15 @@ class BeamBanner(QWidget):
             inner, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, self.target_text
         )
         p.end()
+
+
+def _reason_line(code: str, state: ConsoleState) -> str:
+    """One hold reason in words; the prediction's learning says how long it has to go."""
+    text = describe(code)
+    wait = state.prediction_ready_in_s
+    if code == "prediction_learning" and math.isfinite(wait) and wait > 0:
+        text += f": ready in about {math.ceil(wait)} s"
+    return text
 
 
 def _target_text(state: ConsoleState) -> str:

@@ -956,6 +956,20 @@ class _FeaturePredictor:
             self.H == 0 or (self._ticks >= self._min_ticks and self.dl.count >= self._need)
         )
 
+    @property
+    def ready_in_s(self) -> float:
+        """How long, at the nominal rate, until ``ready``: 0 once ready; nan after a
+        divergence (until ``reset``). For the console ("ready in about 9 s")."""
+        if self.ready:
+            return 0.0
+        if self._bad:
+            return math.nan
+        fill = max(0, self._need - self.dl.count)  # samples until the delay line is full
+        ticks_left = self._min_ticks - self._ticks
+        # learning samples: counted from the one that fills the line (it is the first)
+        learn = max(0, ticks_left * self.tick - self._since_tick) if ticks_left > 0 else 0
+        return (fill + learn - (1 if fill and learn else 0)) / self.rate_hz
+
     def step(self, value: float, aux: Sequence[float] | None = None) -> float:
         v = float(value)
         if not math.isfinite(v):

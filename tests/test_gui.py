@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -105,6 +106,24 @@ def test_hold_reasons_are_shown_in_plain_words():
 
 
 # -- live console on a real controller ------------------------------------------------------
+def test_the_banner_says_when_the_motion_prediction_will_be_ready(session, console, qtbot):
+    s = session(*WIDE_WINDOW, "gating.hold_while_prediction_learns=true")
+    window = console(s)
+    banner = window.banner
+    qtbot.mouseClick(window.controls.enable_button, Qt.MouseButton.LeftButton)
+    learning = re.compile(r"Motion prediction learning the breathing: ready in about (\d+) s")
+
+    def wait() -> int | None:
+        found = learning.search(banner.reasons_text)
+        return int(found.group(1)) if found else None
+
+    qtbot.waitUntil(lambda: wait() is not None, timeout=5000)
+    first = wait()
+    assert 1 <= first <= 15  # 4 s of delay vector and 10 s of learning, from the start
+    qtbot.waitUntil(lambda: (wait() or first) < first, timeout=5000)  # counting down
+    assert not s.rig.linac.beam_on
+
+
 def test_banner_follows_the_controller_from_hold_to_enabled(session, console, qtbot):
     s = session(*WIDE_WINDOW)
     window = console(s)

@@ -700,6 +700,27 @@ def test_restart_refills_the_delay_vector_and_keeps_what_was_learnt(name):
     assert not p.ready
 
 
+@pytest.mark.parametrize("rate", [5.0, 30.0])
+def test_ready_in_s_counts_down_to_the_sample_that_makes_the_predictor_ready(rate):
+    # The console says "ready in about N s": the count must be the real one, from the
+    # start and after a restart (delay vector only), and 0 exactly when ready.
+    t, x = cos4_breathing(rate, seconds=60.0)
+    p = make_predictor(DEFAULT_PREDICTOR, rate, 0.4)
+    for start in (0, round(30 * rate)):  # from nothing; then after a restart (a gap)
+        if start:
+            p.restart()
+        promised = []
+        for v in x[start:]:
+            promised.append(p.ready_in_s)
+            p.step(float(v))
+            if p.ready:
+                break
+        steps = len(promised)  # the sample that made it ready is the last one stepped
+        assert p.ready and p.ready_in_s == 0.0
+        assert [round(w * rate) for w in promised] == list(range(steps, 0, -1))
+        assert promised[0] <= (15.0 if not start else 5.0)
+
+
 def test_restart_of_a_diverged_predictor_forgets_everything():
     p = make_predictor("ensemble", 10.0, 0.4)
     t, x = cos4_breathing(10.0, seconds=40.0)
