@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -648,6 +649,10 @@ def _status_line(controller, elapsed: float) -> str:
     decision = st.decision
     beam = "BEAM ENABLED" if decision is not None and decision.beam_enabled else "BEAM HOLD"
     why = "" if decision is None or decision.beam_enabled else f" ({decision.reason_text})"
+    if "prediction_learning" in why:
+        wait = getattr(controller.core.estimator.predictor, "ready_in_s", math.nan)
+        if math.isfinite(wait) and wait > 0:
+            why = why[:-1] + f", ready in about {math.ceil(wait)} s)"
     device = controller.surrogate_device
     age = st.last_rx.get(device)
     now = controller.session_t(time.monotonic())  # the status holds session times

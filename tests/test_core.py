@@ -440,3 +440,23 @@ def test_phase_gating_uses_the_phase_one_horizon_ahead():
     # now at 0.75 (outside), one horizon ahead at 0.85 (inside): the beam comes on now
     assert decide("predicted", 0.75, 0.85) and not decide("surrogate", 0.75, 0.85)
     assert not decide("predicted", 0.15, 0.25) and decide("surrogate", 0.15, 0.25)
+
+
+def test_the_headless_status_line_says_when_the_prediction_will_be_ready():
+    from types import SimpleNamespace
+
+    from motionctl.cli import _status_line
+
+    core = _core(debounce_samples=1, hold_while_prediction_learns=True)
+    for i in range(30):  # 1 s of 30 Hz samples: 14.4 s of delay vector and learning to go
+        _sample(core, i, i / 30)
+    controller = SimpleNamespace(
+        status=core.status,
+        surrogate_device="surface",
+        session_t=lambda _t: 1.0,
+        cfg=core.cfg,
+        gate=core.gate,
+        core=core,
+    )
+    line = _status_line(controller, 1.0)
+    assert "BEAM HOLD (prediction_learning, ready in about 14 s)" in line, line
