@@ -712,6 +712,9 @@ def _set_cell(table: QTableWidget, row: int, col: int, text: str, colour: str = 
         item.setForeground(QBrush(QColor(colour)))
 
 
+RECEIVING_WITHIN_S = 1.0  # a device without a connection state is "receiving" this recently
+
+
 class DevicesPanel(QGroupBox):
     """Per device: link, sample rate (counted), age of the last sample, malformed frames."""
 
@@ -734,7 +737,9 @@ class DevicesPanel(QGroupBox):
                 link = "OK" if d.connected else f"fault: {d.note}"
                 _set_cell(table, row, 1, link, ENABLED if d.connected else FAULT_HOLD)
             elif d.connected is None:
-                _set_cell(table, row, 1, "--", MUTED)
+                # No connection state (a serial line has none): say whether data flow.
+                receiving = math.isfinite(d.age_s) and d.age_s < RECEIVING_WITHIN_S
+                _set_cell(table, row, 1, *(("receiving", ENABLED) if receiving else ("--", MUTED)))
             else:
                 text = "connected" if d.connected else "DISCONNECTED"
                 _set_cell(table, row, 1, text, ENABLED if d.connected else FAULT_HOLD)
