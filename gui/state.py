@@ -370,9 +370,7 @@ class LiveSource:
             last_refusal=st.last_refusal,
             imaging=self._imaging_view(t, st.interlocks, new_images_only),
             # read off the controller thread's predictor: a few plain numbers
-            prediction_ready_in_s=getattr(
-                self.controller.core.estimator.predictor, "ready_in_s", math.nan
-            ),
+            prediction_ready_in_s=self.controller.core.estimator.prediction_ready_in_s,
         )
 
     def _imaging_view(

@@ -650,7 +650,7 @@ def _status_line(controller, elapsed: float) -> str:
     beam = "BEAM ENABLED" if decision is not None and decision.beam_enabled else "BEAM HOLD"
     why = "" if decision is None or decision.beam_enabled else f" ({decision.reason_text})"
     if "prediction_learning" in why:
-        wait = getattr(controller.core.estimator.predictor, "ready_in_s", math.nan)
+        wait = controller.core.estimator.prediction_ready_in_s
         if math.isfinite(wait) and wait > 0:
             why = why[:-1] + f", ready in about {math.ceil(wait)} s)"
     device = controller.surrogate_device

@@ -212,6 +212,12 @@ class MotionEstimator:
         )
 
     @property
+    def prediction_ready_in_s(self) -> float:
+        """How long until the predictor can forecast (0 once it can; nan if it cannot say:
+        a predictor without the count, or one that diverged)."""
+        return getattr(self.predictor, "ready_in_s", math.nan)
+
+    @property
     def fiducial_reason(self) -> str | None:
         """ "fiducial_disagreement" while the last X-ray check disagreed, else None."""
         return self._fiducial_reason

@@ -165,22 +165,26 @@ class Gate:
             return None if inside else "outside_phase_window"
         if self.settings.source == "surrogate":
             value = est.surrogate_mm
-        elif not est.prediction_ready and self.settings.hold_while_prediction_learns:
+        elif self._waiting_for_prediction(est):
             return "prediction_learning"
         else:
             value = est.predicted_mm[self._axis]
         return None if self.inside(value) else "outside_window"
 
+    def _waiting_for_prediction(self, est: MotionEstimate | None) -> bool:
+        """Hold while the predictor learns: its output is the current position until then."""
+        return (
+            self.settings.hold_while_prediction_learns
+            and est is not None
+            and not est.prediction_ready
+        )
+
     def _breath_hold_reason(self, t: float, inputs: GateInputs) -> str | None:
         if self.reference is None:
             return "no_breath_hold_reference"
         level = self.breath_hold_level(inputs)
-        est = inputs.estimate
-        if (
-            self.settings.breath_hold_signal == "position"
-            and self.settings.hold_while_prediction_learns
-            and est is not None
-            and not est.prediction_ready
+        if self.settings.breath_hold_signal == "position" and self._waiting_for_prediction(
+            inputs.estimate
         ):
             self._stable_since = None
             return "prediction_learning"
