@@ -73,19 +73,24 @@ min_score=5.0, max_candidates=12)`` -> ``list[Detection2D]``, best score first.
 candidates found elsewhere (another detector, tests).
 
 ``localise_mono(image, geometry, plan, prior, *, t=0.0, settings=...)``
-    One view. Needs a prior with at least ``settings.mono_min_samples`` accepted positions:
-    the target is the maximum a posteriori point under the prior's 3-D Gaussian (mean and
-    covariance of recent positions, plus a floor) given that every seed i lies on its
-    detected ray: minimise ``(T - mu)^T S^-1 (T - mu) + sum_i |(I - d_i d_i^T)(T + R p_i -
-    s)|^2 / sigma_i^2`` (closed form, linear). With one seed and sigma -> 0 this is the
-    classic maximum of the Gaussian along the ray (Poulsen et al. 2008, as in KIM); with
-    several seeds the planned constellation adds the small depth cue of their divergent
-    rays. ``R`` is the prior's rotation (the last stereo estimate), not estimated in mono.
-    Correspondence: all injective seed -> candidate maps consistent with the projected
-    planned separations, best by reprojection chi-square. The reported uncertainty is
-    the posterior covariance (root of its trace) plus the fit residual, i.e. the
-    along-ray spread of the prior: honestly larger than stereo. -> ``Localisation``
-    (mode "mono").
+    One view. The Gaussian of where the target is (``TargetPrior.mono_gaussian``): the mean
+    and covariance of recent accepted positions once ``settings.mono_min_samples`` have been
+    accepted; before that the tracker's prediction at this frame with its 1-sigma (the prior
+    correlation model gives one from the start, as KIM starts from its pre-treatment CBCT);
+    without a prediction, the few positions learnt so far with ``mono_sparse_prior_sd_mm``
+    added (so that imaging can rebuild an invalidated model); plus a floor. Each matched seed
+    is placed on its detected ray where that Gaussian, moved by the seed's planned offset
+    ``R p_i``, is largest (Poulsen et al. 2008, as in KIM: across the ray measured, along it
+    the Gaussian's best guess); the target is the mean of the seeds less their offsets. The
+    seeds' divergent rays carry a little depth information too, but it is not used: an
+    unmeasured rotation of the constellation biases it (on the rig, fitted jointly with the
+    prior model's 2 mm Gaussian, by up to 21 mm along the ray). ``R`` is the prior's
+    rotation (the last stereo estimate), not estimated in mono. Correspondence: all
+    injective seed -> candidate maps consistent with the projected planned separations,
+    best by reprojection chi-square at the target. The reported uncertainty is the
+    posterior covariance with the depth from the Gaussian alone (root of its trace) plus
+    the fit residual, i.e. the along-ray spread of the Gaussian: honestly larger than
+    stereo. -> ``Localisation`` (mode "mono").
 
 ``TargetPrior`` (frozen, pure): running mean / covariance of recent accepted positions
     (``update(position_mm, rotation_deg=None)`` returns a new prior; exact running
@@ -109,8 +114,9 @@ Rejection reasons (`LockReason`): ``no_candidates``, ``score_too_low``, ``too_fe
 ``outside_search_region`` (the fitted target is further from the prediction than the search
 margin), ``rotation_too_large``, ``fit_residual_too_large``, ``seed_length_mismatch`` (the
 constellation fits only with an elongated marker measured shorter or longer than planned in
-3-D: truncated by an edge or merged with a structure in a view), ``no_prior`` (mono without
-a learned Gaussian), ``outside_field_of_view`` (the predicted seeds project off the panel).
+3-D: truncated by an edge or merged with a structure in a view), ``no_prior`` (mono with
+neither accepted positions nor a prediction), ``outside_field_of_view`` (the predicted
+seeds project off the panel).
 
 Bad input raises ``ValueError`` with the reason: an image that is not 2-D, not of the
 geometry's size, not numeric, or holds NaN / inf; a geometry with non-finite or degenerate
@@ -200,7 +206,7 @@ class LockReason(StrEnum):
     ROTATION_TOO_LARGE = "rotation_too_large"  # fitted rotation beyond the limit
     FIT_RESIDUAL = "fit_residual_too_large"  # rigid fit / reprojection residual too large
     SEED_SHAPE = "seed_length_mismatch"  # an elongated marker truncated or merged in a view
-    NO_PRIOR = "no_prior"  # mono needs a learned 3-D Gaussian of recent positions
+    NO_PRIOR = "no_prior"  # mono needs a learned 3-D Gaussian of recent positions or a prediction
     OUTSIDE_FIELD_OF_VIEW = "outside_field_of_view"  # predicted seeds off the panel
 
 
@@ -355,6 +361,28 @@ class TargetPrior:
             rotation_deg=self.rotation_deg,
         )
 
+    def mono_gaussian(
+        self, min_samples: int, sparse_sd_mm: float
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean, covariance) of the 3-D Gaussian a mono localisation maximises under: the
+        learned one once ``min_samples`` positions have been accepted; else the tracker's
+        prediction (isotropic, its 1-sigma); else, with at least one accepted position, the
+        learned one widened by ``sparse_sd_mm`` on every axis; else None. The prediction is
+        what a mono session starts from: the prior correlation model (``tracking.use_prior``,
+        the planning 4D-CT's surrogate-to-target fit) gives one before any X-ray position
+        exists, as KIM starts from the pre-treatment CBCT. The widened few positions are for
+        a model invalidated early, when the tracker has no estimate to offer."""
+        if self.n >= min_samples:
+            return self.mean, self.cov
+        if self.predicted_mm is not None:
+            return (
+                np.asarray(self.predicted_mm, float),
+                self.predicted_sigma_mm**2 * np.eye(3),
+            )
+        if self.n >= 1:
+            return self.mean, self.cov + sparse_sd_mm**2 * np.eye(3)
+        return None
+
     def search_centre(self) -> tuple[np.ndarray, float] | None:
         """(centre mm, 1-sigma mm) for the search regions, or None (search the full frame)."""
         if self.predicted_mm is not None:
@@ -387,6 +415,7 @@ class LocaliserSettings:
     ambiguity_mm: float = 1.0  # alternative fits whose targets differ by more: ambiguous
     ambiguity_chi2: float = 9.0  # ... when their chi-square is within this of the best
     mono_min_samples: int = 10  # accepted positions before the Gaussian prior is trusted
+    mono_sparse_prior_sd_mm: float = 5.0  # mono, fewer and no prediction: SD added to them
     prior_floor_mm: float = 0.5  # added to the prior's standard deviations (model error)
     max_reprojection_mm: float = 1.0  # mono: seed reprojection residual at the seed
 
@@ -1659,6 +1688,14 @@ def _ambiguous(sols: list[_Solution], best: _Solution, settings: LocaliserSettin
 # -- mono ---------------------------------------------------------------------------------------
 
 
+def _mono_gaussian(
+    prior: TargetPrior | None, settings: LocaliserSettings
+) -> tuple[np.ndarray, np.ndarray] | None:
+    if prior is None:
+        return None
+    return prior.mono_gaussian(settings.mono_min_samples, settings.mono_sparse_prior_sd_mm)
+
+
 def localise_mono(
     image: Any,
     geometry: ProjectionGeometry,
@@ -1670,7 +1707,7 @@ def localise_mono(
 ) -> Localisation:
     """3-D target position from one view and the prior's 3-D Gaussian (module docstring)."""
     _check_image(image, _geom(geometry))
-    if prior is None or prior.n < settings.mono_min_samples:
+    if _mono_gaussian(prior, settings) is None:
         return localise_mono_candidates((), geometry, plan, prior, t=t, settings=settings)
     dets, fov = _detect_view(image, geometry, plan, prior, settings, "mono")
     if fov is not None:
@@ -1692,13 +1729,14 @@ def localise_mono_candidates(
     n = plan.n
     min_seeds = min(settings.min_seeds, n)
     g = _geom(geometry)
-    if prior is None or prior.n < settings.mono_min_samples:
-        have = 0 if prior is None else prior.n
+    gaussian = _mono_gaussian(prior, settings)
+    if gaussian is None:
         return _reject(
             "mono",
             t,
             LockReason.NO_PRIOR,
-            f"mono needs {settings.mono_min_samples} accepted 3-D positions, have {have}",
+            "mono needs the tracker's estimate (a prior correlation model, tracking.use_prior, "
+            "or an X-ray model) or an accepted 3-D position, and has neither",
             n,
         )
     dets = list(candidates)
@@ -1732,26 +1770,30 @@ def localise_mono_candidates(
             f"no {min_seeds} of {len(good)} candidates match the projected plan within "
             f"{tol_px:.1f} px",
         )
-    cov_prior = prior.cov + settings.prior_floor_mm**2 * np.eye(3)
-    info_prior = np.linalg.inv(cov_prior)
-    mu = prior.mean
+    mu, cov = gaussian
+    info_prior = np.linalg.inv(cov + settings.prior_floor_mm**2 * np.eye(3))
     source = g.source
     fitted = []
     for sol in sols:
         idx = np.array(sol.seeds)
         _, dirs = pixel_rays(geometry, det_px[np.array(sol.items)])
+        # Each seed on its own ray where the Gaussian, moved to that seed, is largest; the
+        # target is their mean less the planned offsets. Not one joint fit: the seeds'
+        # divergent rays also carry a little depth, but an unmeasured rotation of the
+        # constellation biases it (on the rig, with the prior model's 2 mm Gaussian, by up
+        # to 21 mm along the ray).
+        idir = dirs @ info_prior
+        lam = np.einsum("ki,ki->k", idir, mu + offsets[idx] - source) / np.einsum(
+            "ki,ki->k", idir, dirs
+        )
+        target = (source + lam[:, None] * dirs - offsets[idx]).mean(axis=0)
         proj = np.eye(3)[None] - dirs[:, :, None] * dirs[:, None, :]
-        w = proj / (lat[idx] ** 2)[:, None, None]
-        a = info_prior + w.sum(axis=0)
-        b = info_prior @ mu + np.einsum("kij,kj->i", w, source - offsets[idx])
-        cov_post = np.linalg.inv(a)
-        target = cov_post @ b
         off = np.einsum("kij,kj->ki", proj, target + offsets[idx] - source)
         res = np.linalg.norm(off, axis=1)
         chi2 = float(np.sum((res / lat[idx]) ** 2))
-        fitted.append((chi2, sol, target, cov_post, res, dirs))
+        fitted.append((chi2, sol, target, res, dirs))
     fitted.sort(key=lambda f: f[0])
-    chi2, sol, target, cov_post, res, dirs = fitted[0]
+    chi2, sol, target, res, dirs = fitted[0]
     for other in fitted[1:]:
         if other[0] - chi2 > settings.ambiguity_chi2:
             break
@@ -1786,6 +1828,11 @@ def localise_mono_candidates(
         m_i = target + offsets[s]
         lam = float(d @ info_prior @ (m_i - source)) / float(d @ info_prior @ d)
         seeds[s] = source + lam * d
+    # posterior covariance with the depth taken from the Gaussian alone (the rays as parallel)
+    d_mean = dirs.mean(axis=0)
+    d_mean /= np.linalg.norm(d_mean)
+    across = (np.eye(3) - np.outer(d_mean, d_mean)) * float(np.sum(lat[idx] ** -2.0))
+    cov_post = np.linalg.inv(info_prior + across)
     var = float(np.trace(cov_post)) + rms**2 / len(idx)
     return Localisation(
         t=t,

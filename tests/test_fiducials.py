@@ -240,6 +240,42 @@ def test_mono_with_the_constellation_and_its_reasons():
     assert not bad.accepted and bad.reason == "inter_seed_distance_mismatch"
 
 
+def _along_ray_error(geometry, position, truth) -> float:
+    source, d = fid.pixel_rays(geometry, fid.project_points(geometry, truth))
+    return abs(float(np.dot(np.asarray(position) - truth, d[0])))
+
+
+def test_mono_starts_from_the_trackers_prediction_before_any_position_is_learnt():
+    target = np.array([1.0, -6.0, 2.0])
+    pts = PLAN3.points + target
+    # what the prior correlation model gives at the start: no learnt positions, a prediction
+    predicted = fid.TargetPrior().with_prediction(target + [0.8, -0.6, 0.4], 2.0)
+    loc = fid.localise_mono_candidates(dets_of(GA, pts), GA, PLAN3, predicted)
+    assert loc.accepted and loc.mode == "mono" and loc.n_seeds == 3
+    # across the ray measured; along it no further off than the prediction
+    assert np.linalg.norm(np.asarray(loc.position_mm) - target) < 1.2
+    assert 1.0 < loc.uncertainty_mm < 4.0  # the prediction's spread along the ray
+    # an early invalidation leaves no prediction: the few positions learnt, widened
+    few = fid.TargetPrior().update(target + [0.5, 1.0, 0.0]).update(target - [0.5, 1.0, 0.0])
+    wide = fid.localise_mono_candidates(dets_of(GA, pts), GA, PLAN3, few)
+    assert wide.accepted and wide.uncertainty_mm > loc.uncertainty_mm
+    none = fid.localise_mono_candidates(dets_of(GA, pts), GA, PLAN3, fid.TargetPrior())
+    assert none.reason == "no_prior" and "tracking.use_prior" in none.detail
+
+
+def test_mono_depth_is_not_taken_from_a_rotated_constellation():
+    # The constellation turned 3 degrees about LR (as breathing turns a liver), which mono
+    # cannot measure: the seeds' divergent rays then suggest a depth tens of mm off.
+    # Each seed is placed on its ray by the Gaussian instead.
+    target = np.array([0.5, -8.0, 3.0])
+    turned = Rotation.from_euler("x", 3.0, degrees=True).as_matrix()
+    pts = PLAN3.points @ turned.T + target
+    prior = _prior(target + [0.3, 0.3, -0.3], np.eye(3) * 4.0)  # learnt, 2 mm
+    loc = fid.localise_mono_candidates(dets_of(GA, pts), GA, PLAN3, prior)
+    assert loc.accepted
+    assert _along_ray_error(GA, loc.position_mm, target) < 1.0
+
+
 def test_bad_input_is_refused_with_the_reason():
     img = np.zeros((GA.height_px, GA.width_px), np.uint16)
     with pytest.raises(ValueError, match="shape"):

@@ -367,6 +367,28 @@ def test_xray_fiducials_build_the_correlation_model(session):
     assert "prior" in models and models - {"prior", "none"}
 
 
+def test_mono_imaging_starts_from_the_prior_model_and_builds_the_correlation_model(session):
+    # One gantry kV imager (source at the patient's left at gantry 0: rays along LR). No 3-D
+    # position exists before the first frame; the prior correlation model's estimate is
+    # the Gaussian the first frames are localised under.
+    s = session("imaging.rate_hz=2", 'imaging.geometry="mono"')
+    assert s.controller.wait_until(
+        lambda st: st.estimate is not None and st.estimate.model not in ("prior", "none"),
+        timeout=20,
+    ), "mono imaging never built the correlation model"
+    s.close()
+    db = sqlite3.connect(s.path)
+    rows = db.execute(
+        "SELECT frame_id, mode, si_mm, ap_mm FROM fiducials WHERE accepted=1 ORDER BY t"
+    ).fetchall()
+    assert len(rows) >= 4 and {mode for _, mode, _, _ in rows} == {"mono"}
+    assert rows[0][0] <= 3, "the first frames were not localised"
+    truth = {f.frame_id: f.target_mm for f in s.rig.xray.truth}
+    # across the ray (SI, AP) mono measures; along it (LR) it leans on the Gaussian
+    errors = [max(abs(si - truth[k][1]), abs(ap - truth[k][2])) for k, _, si, ap in rows]
+    assert max(errors) < 0.5, errors
+
+
 def test_a_wrong_prior_is_caught_by_the_first_xray_and_needs_acknowledgement(session):
     # The planning prior says the liver moves twice as far as it does.
     s = session("imaging.rate_hz=2", "tracking.gain=[0.0, -3.0, 0.5]")
