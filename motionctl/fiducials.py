@@ -76,9 +76,9 @@ candidates found elsewhere (another detector, tests).
     One view. The Gaussian of where the target is (``TargetPrior.mono_gaussian``): the mean
     and covariance of recent accepted positions once ``settings.mono_min_samples`` have been
     accepted; before that the tracker's prediction at this frame with its 1-sigma (the prior
-    correlation model gives one from the start, as KIM starts from its pre-treatment CBCT);
-    without a prediction, the few positions learnt so far with ``mono_sparse_prior_sd_mm``
-    added (so that imaging can rebuild an invalidated model); plus a floor. Each matched seed
+    correlation model gives one from the start, as KIM starts from its pre-treatment CBCT;
+    ``motionctl.imaging.frame_prior`` also stands in the mean of the few positions learnt
+    when the tracker has no estimate to offer); plus a floor. Each matched seed
     is placed on its detected ray where that Gaussian, moved by the seed's planned offset
     ``R p_i``, is largest (Poulsen et al. 2008, as in KIM: across the ray measured, along it
     the Gaussian's best guess); the target is the mean of the seeds less their offsets. The
@@ -142,6 +142,9 @@ What this module does NOT handle
   smooth rib and lung edges) more than by noise; real images add overlying bowel gas,
   surgical clips, contrast and metal that this detector has not been tuned on.
 - Fewer than 3 seeds fitted: translation only (rotation NaN).
+- A shift of the target along the ray in mono mode: one view cannot see it (the position
+  along the ray is the Gaussian's), so neither can the estimate check of a mono position;
+  KIM has the same blind axis between its gantry angles.
 - Rotation in mono mode (taken from the prior), scatter/beam-hardening, image lag, panel
   distortion or gantry flex (geometry is taken as exact), motion blur beyond the seed width.
 - Learning the plan from images (a plan must come from the treatment plan / config).
@@ -361,17 +364,13 @@ class TargetPrior:
             rotation_deg=self.rotation_deg,
         )
 
-    def mono_gaussian(
-        self, min_samples: int, sparse_sd_mm: float
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+    def mono_gaussian(self, min_samples: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(mean, covariance) of the 3-D Gaussian a mono localisation maximises under: the
-        learned one once ``min_samples`` positions have been accepted; else the tracker's
-        prediction (isotropic, its 1-sigma); else, with at least one accepted position, the
-        learned one widened by ``sparse_sd_mm`` on every axis; else None. The prediction is
-        what a mono session starts from: the prior correlation model (``tracking.use_prior``,
-        the planning 4D-CT's surrogate-to-target fit) gives one before any X-ray position
-        exists, as KIM starts from the pre-treatment CBCT. The widened few positions are for
-        a model invalidated early, when the tracker has no estimate to offer."""
+        learned one once ``min_samples`` positions have been accepted, else the tracker's
+        prediction (isotropic, its 1-sigma), else None. The prediction is what a mono session
+        starts from: the prior correlation model (``tracking.use_prior``, the planning 4D-CT's
+        surrogate-to-target fit) gives one before any X-ray position exists, as KIM starts
+        from the pre-treatment CBCT (see ``motionctl.imaging.frame_prior``)."""
         if self.n >= min_samples:
             return self.mean, self.cov
         if self.predicted_mm is not None:
@@ -379,8 +378,6 @@ class TargetPrior:
                 np.asarray(self.predicted_mm, float),
                 self.predicted_sigma_mm**2 * np.eye(3),
             )
-        if self.n >= 1:
-            return self.mean, self.cov + sparse_sd_mm**2 * np.eye(3)
         return None
 
     def search_centre(self) -> tuple[np.ndarray, float] | None:
@@ -415,7 +412,7 @@ class LocaliserSettings:
     ambiguity_mm: float = 1.0  # alternative fits whose targets differ by more: ambiguous
     ambiguity_chi2: float = 9.0  # ... when their chi-square is within this of the best
     mono_min_samples: int = 10  # accepted positions before the Gaussian prior is trusted
-    mono_sparse_prior_sd_mm: float = 5.0  # mono, fewer and no prediction: SD added to them
+    mono_sparse_sd_mm: float = 5.0  # mono, fewer and no estimate: their mean, this 1-sigma
     prior_floor_mm: float = 0.5  # added to the prior's standard deviations (model error)
     max_reprojection_mm: float = 1.0  # mono: seed reprojection residual at the seed
 
@@ -1688,14 +1685,6 @@ def _ambiguous(sols: list[_Solution], best: _Solution, settings: LocaliserSettin
 # -- mono ---------------------------------------------------------------------------------------
 
 
-def _mono_gaussian(
-    prior: TargetPrior | None, settings: LocaliserSettings
-) -> tuple[np.ndarray, np.ndarray] | None:
-    if prior is None:
-        return None
-    return prior.mono_gaussian(settings.mono_min_samples, settings.mono_sparse_prior_sd_mm)
-
-
 def localise_mono(
     image: Any,
     geometry: ProjectionGeometry,
@@ -1707,7 +1696,7 @@ def localise_mono(
 ) -> Localisation:
     """3-D target position from one view and the prior's 3-D Gaussian (module docstring)."""
     _check_image(image, _geom(geometry))
-    if _mono_gaussian(prior, settings) is None:
+    if prior is None or prior.mono_gaussian(settings.mono_min_samples) is None:
         return localise_mono_candidates((), geometry, plan, prior, t=t, settings=settings)
     dets, fov = _detect_view(image, geometry, plan, prior, settings, "mono")
     if fov is not None:
@@ -1729,14 +1718,15 @@ def localise_mono_candidates(
     n = plan.n
     min_seeds = min(settings.min_seeds, n)
     g = _geom(geometry)
-    gaussian = _mono_gaussian(prior, settings)
+    gaussian = None if prior is None else prior.mono_gaussian(settings.mono_min_samples)
     if gaussian is None:
         return _reject(
             "mono",
             t,
             LockReason.NO_PRIOR,
             "mono needs the tracker's estimate (a prior correlation model, tracking.use_prior, "
-            "or an X-ray model) or an accepted 3-D position, and has neither",
+            f"or an X-ray model) or {settings.mono_min_samples} accepted 3-D positions, "
+            f"has neither ({prior.n if prior is not None else 0} positions)",
             n,
         )
     dets = list(candidates)

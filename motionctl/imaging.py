@@ -33,6 +33,25 @@ log = logging.getLogger("motionctl.imaging")
 _STOP = object()
 
 
+def frame_prior(
+    learned: TargetPrior,
+    estimate: MotionEstimate | None,
+    stereo: bool,
+    settings: LocaliserSettings,
+) -> TargetPrior:
+    """What a frame is localised under: the positions learned so far, with the tracker's
+    estimate as the prediction (search regions; mono's Gaussian until enough positions are
+    learned). Mono with no valid estimate to offer (an X-ray model invalidated before
+    ``mono_min_samples`` positions were learned) takes the mean of those few, with
+    ``mono_sparse_sd_mm``: else it could never localise again to rebuild the model."""
+    if estimate is not None and estimate.valid:
+        sigma = estimate.uncertainty_mm if math.isfinite(estimate.uncertainty_mm) else 5.0
+        return learned.with_prediction(estimate.position_mm, max(sigma, 1.0))
+    if not stereo and 0 < learned.n < settings.mono_min_samples:
+        return learned.with_prediction(learned.mean_mm, settings.mono_sparse_sd_mm)
+    return learned
+
+
 class FiducialWorker:
     def __init__(
         self,
@@ -118,11 +137,7 @@ class FiducialWorker:
         first = views[0]
         # Mid-exposure on the controller's clock: the device stamps wall-clock time.
         t_acq = first.t_device - (self._wall_clock() - self._clock())
-        prior = self._prior
-        estimate = self._latest_estimate()
-        if estimate is not None and estimate.valid:
-            sigma = estimate.uncertainty_mm if math.isfinite(estimate.uncertainty_mm) else 5.0
-            prior = prior.with_prediction(estimate.position_mm, max(sigma, 1.0))
+        prior = frame_prior(self._prior, self._latest_estimate(), self._stereo, self._settings)
         if len(views) == 2:
             loc = localise_stereo(
                 [(v.image, v.geometry) for v in views],

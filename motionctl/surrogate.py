@@ -46,7 +46,10 @@ class SurrogateParams:
     spike_window: int = 7  # samples in the Hampel median (spike_window_samples(rate))
     spike_threshold: float = 4.0  # robust standard deviations
     spike_floor_mm: float = 1.0  # never call a deviation below this a spike
-    jump_mm: float = 5.0  # a spike this large is a jump no breath makes in one sample
+    jump_mm: float = 5.0  # a spike this far from the median ...
+    # ... and this fast from the previous sample is a jump. Breathing is slower: the fastest
+    # of the recorded surrogates (LIGHT-SABR, ExtMarker) moves 61 mm/s over 0.2 s.
+    jump_speed_mm_s: float = 100.0
     turn_fraction: float = 0.25  # of the recent amplitude, to confirm a turning point
     turn_floor_mm: float = 0.5  # minimum excursion for a turning point
     cycles_for_baseline: int = 3
@@ -84,6 +87,7 @@ class SurrogateProcessor:
     def reset(self) -> None:
         self._last_t: float | None = None
         self._window: deque[float] = deque(maxlen=self.p.spike_window)
+        self._window_t: deque[float] = deque(maxlen=self.p.spike_window)
         self._smooth: float | None = None
         self._restart_cycles()
 
@@ -117,13 +121,14 @@ class SurrogateProcessor:
         if self._last_t is not None and t - self._last_t > p.gap_s:
             # After a gap the breathing state is unknown: restart rather than bridge it.
             self._window.clear()
+            self._window_t.clear()
             self._smooth = None
             self._restart_cycles()
             reasons.append("gap")
         dt = 0.0 if self._last_t is None else t - self._last_t
         self._last_t = t
 
-        clean = self._despike(value, reasons)
+        clean = self._despike(t, value, reasons)
         if self._smooth is None or p.smoothing_s <= 0:
             self._smooth = clean
         else:
@@ -135,18 +140,24 @@ class SurrogateProcessor:
     def _invalid(self, t: float, value: float, reasons: tuple[str, ...]) -> SurrogateState:
         return SurrogateState(t, _NAN, value, False, reasons, _NAN, _NAN, _NAN, _NAN, _NAN, _NAN)
 
-    def _despike(self, value: float, reasons: list[str]) -> float:
+    def _despike(self, t: float, value: float, reasons: list[str]) -> float:
         window = self._window
         window.append(value)  # raw values: a real step wins once it fills half the window
+        self._window_t.append(t)
         if len(window) < 3:
             return value
         ordered = sorted(window)
         median = ordered[len(ordered) // 2]
         mad = sorted([abs(v - median) for v in ordered])[len(ordered) // 2]
         limit = max(self.p.spike_threshold * 1.4826 * mad, self.p.spike_floor_mm)
-        if abs(value - median) > limit:
+        deviation = abs(value - median)
+        if deviation > limit:
             reasons.append("spike_replaced")
-            if abs(value - median) > self.p.jump_mm:
+            # A jump is a step no breath makes since the previous sample: in seconds, not
+            # samples (at 5 Hz a 55 mm lung surrogate's ordinary inhale moves 12 mm).
+            if deviation > self.p.jump_mm and abs(value - window[-2]) > self.p.jump_speed_mm_s * (
+                t - self._window_t[-2]
+            ):
                 reasons.append("surrogate_jump")
             return median
         return value

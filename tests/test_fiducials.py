@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from scipy.spatial.transform import Rotation
 
 from motionctl import fiducials as fid
 from motionctl import kim
-from motionctl.types import ProjectionGeometry
+from motionctl.imaging import frame_prior
+from motionctl.types import MotionEstimate, ProjectionGeometry
 from tests.conftest import shared_data
 
 # -- a minimal geometry of our own: source at SAD along an angle in the LR-AP plane ------------
@@ -255,12 +257,32 @@ def test_mono_starts_from_the_trackers_prediction_before_any_position_is_learnt(
     # across the ray measured; along it no further off than the prediction
     assert np.linalg.norm(np.asarray(loc.position_mm) - target) < 1.2
     assert 1.0 < loc.uncertainty_mm < 4.0  # the prediction's spread along the ray
-    # an early invalidation leaves no prediction: the few positions learnt, widened
-    few = fid.TargetPrior().update(target + [0.5, 1.0, 0.0]).update(target - [0.5, 1.0, 0.0])
-    wide = fid.localise_mono_candidates(dets_of(GA, pts), GA, PLAN3, few)
-    assert wide.accepted and wide.uncertainty_mm > loc.uncertainty_mm
     none = fid.localise_mono_candidates(dets_of(GA, pts), GA, PLAN3, fid.TargetPrior())
     assert none.reason == "no_prior" and "tracking.use_prior" in none.detail
+
+
+def test_the_frame_prior_of_the_imaging_worker():
+    settings = fid.LocaliserSettings()
+    target = np.array([1.0, -6.0, 2.0])
+    few = fid.TargetPrior().update(target + [0.5, 1.0, 0.0]).update(target - [0.5, 1.0, 0.0])
+    estimate = MotionEstimate(
+        5.0, (1.2, -5.5, 2.1), (1.0, -3.0, 1.5), 0.4, True, (), uncertainty_mm=0.7
+    )
+    # a valid estimate is the prediction (1 mm at least), in stereo and mono alike
+    for stereo in (True, False):
+        p = frame_prior(few, estimate, stereo, settings)
+        assert p.predicted_mm == estimate.position_mm and p.predicted_sigma_mm == 1.0
+    # no estimate to offer (an early invalidation): mono falls back on the few positions
+    # learnt, widened, so that it can localise again and rebuild the model; stereo needs none
+    invalid = replace(estimate, valid=False, reasons=("correlation_model_invalid",))
+    p = frame_prior(few, invalid, False, settings)
+    np.testing.assert_allclose(p.predicted_mm, target)
+    assert p.predicted_sigma_mm == settings.mono_sparse_sd_mm
+    pts = PLAN3.points + target
+    assert fid.localise_mono_candidates(dets_of(GA, pts), GA, PLAN3, p).accepted
+    assert not fid.localise_mono_candidates(dets_of(GA, pts), GA, PLAN3, few).accepted
+    assert frame_prior(few, invalid, True, settings) is few
+    assert frame_prior(fid.TargetPrior(), None, False, settings).predicted_mm is None
 
 
 def test_mono_depth_is_not_taken_from_a_rotated_constellation():

@@ -70,7 +70,7 @@ def test_a_fast_breath_sampled_at_5_hz_is_not_a_spike_but_a_glitch_still_is():
     # interlock and a predictor restart). The window now follows the rate.
     t = np.arange(0, 60, 1 / 5)
     x = breathing(t, period=4.0, amplitude=55.0) + np.random.default_rng(1).normal(0, 0.2, t.size)
-    x[200] += 25.0  # and one genuine glitch
+    x[200] += 40.0  # and one genuine glitch
 
     def flagged(window: int) -> tuple[set[int], set[int]]:
         proc = SurrogateProcessor(SurrogateParams(spike_window=window))
@@ -79,11 +79,30 @@ def test_a_fast_breath_sampled_at_5_hz_is_not_a_spike_but_a_glitch_still_is():
         return spikes, {i for i, s in enumerate(states) if "surrogate_jump" in s.reasons}
 
     assert spike_window_samples(30.0) == 7 and spike_window_samples(5.0) == 3
-    spikes_7, jumps = flagged(7)
-    assert len(jumps) > 10  # the old window at 5 Hz: ordinary breaths raise jumps
+    spikes_7, _ = flagged(7)  # the old window at 5 Hz: ordinary breaths replaced
     spikes, jumps = flagged(spike_window_samples(5.0))
     assert jumps == {200} and 200 in spikes
     assert len(spikes) < len(spikes_7) / 4
+
+
+def test_a_jump_is_a_step_faster_than_breathing_whatever_the_rate():
+    # A 55 mm lung surrogate that leaves its end-exhale rest at 60 mm/s, the fastest of the
+    # recorded surrogates: 12 mm between samples at 5 Hz, away from a flat median. In
+    # samples ("5 mm in one sample") every inhale raised a jump at 5 Hz; in seconds
+    # (100 mm/s) none does, at 5 Hz or 30 Hz, while a 40 mm step of the marker still is one.
+    def jumps(rate: float, step_at: float | None = None) -> list[float]:
+        t = np.arange(0, 40, 1 / rate)
+        # per 4 s breath: rest until 1.5 s, up at 60 mm/s, down at 30 mm/s
+        x = np.interp(t % 4.0, [0.0, 1.5, 1.5 + 55 / 60, 4.0 - 0.25, 4.0], [0, 0, 55, 0, 0])
+        if step_at is not None:
+            x[t >= step_at] += 40.0
+        proc = SurrogateProcessor(SurrogateParams(spike_window=spike_window_samples(rate)))
+        states = [proc.step(float(a), float(b)) for a, b in zip(t, x, strict=True)]
+        return [float(a) for a, s in zip(t, states, strict=True) if "surrogate_jump" in s.reasons]
+
+    assert jumps(5.0) == [] and jumps(30.0) == []
+    for rate in (5.0, 30.0):  # the marker steps during an end-exhale rest
+        assert jumps(rate, step_at=20.5)[:1] == [pytest.approx(20.5, abs=1 / rate)]
 
 
 def test_noise_is_smoothed():
