@@ -508,7 +508,8 @@ class LiveSource:
         n = model.n_points
         if model.valid:
             # The model at rest (zero surrogate velocity): hysteresis models also depend
-            # on the velocity, which the trace cloud beside it shows.
+            # on the velocity, which the trace cloud beside it shows. NaN beyond the range
+            # the model speaks for: the curve ends there.
             target = np.array([model.predict(ModelFeatures(float(v), 0.0))[axis] for v in s])
             label = f"{model.kind} model from {n} X-ray point{'s' * (n != 1)}"
         elif self.cfg["tracking"]["use_prior"] and model.state == "collecting":

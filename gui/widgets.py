@@ -848,7 +848,7 @@ class CorrelationPanel(QGroupBox):
             axis.setTextPen(MUTED)
             axis.setPen(MUTED)
         self.cloud = self.plot.plot(pen=pg.mkPen(100, 160, 200, 120, width=1), connect="finite")
-        self.curve = self.plot.plot(pen=pg.mkPen("w", width=2))
+        self.curve = self.plot.plot(pen=pg.mkPen("w", width=2), connect="finite")
         self.points = self.plot.plot(
             pen=None, symbol="o", symbolSize=8, symbolBrush=TARGET_PREDICTED, symbolPen=None
         )

@@ -48,10 +48,27 @@ Models (each fitted per axis, with its own coefficients; the form is selected pe
   s(t - L) = s - L s_dot, so this is also the delayed-surrogate model). At prediction the
   velocity is clipped to the range seen at the model points (the loop is not extrapolated).
 
-Every model clamps the surrogate to the range of its points extended by ``max_extrapolation``
-(1.0) times that range on either side: inside, a model extrapolates linearly; beyond, the
-estimate stays at the edge. A fit whose points cover little of the breathing cycle therefore
-cannot produce a wild estimate before the next image checks it.
+Range
+-----
+A model speaks for the surrogate range of its points extended by ``max_extrapolation`` (1.0)
+times that range on either side (at least ``min_span_mm`` for a static model): inside, it
+extrapolates linearly; beyond, ``predict()`` returns (nan, nan, nan) and the estimator holds
+with ``surrogate_beyond_model``: a surrogate twice as far out as anything imaged, or breathing
+again after a breath hold's static model, says nothing of where the target is. Checking a new
+point, the model is evaluated clamped to that range instead (the point may be a real shift, to
+be caught), except a static model, which has no slope to say anything beyond its points: such
+a point is the breathing resuming, and it is accepted unchecked and gives the refit its slope.
+
+Static model
+------------
+Points that span less than ``min_span_mm`` (0.5 mm) of surrogate determine no slope: a breath
+hold, or a long one imaged often enough to fill every point (40 points are 8 s at 5 Hz). Fitted
+as a line, the slope was noise and the range a few tenths of a mm wide, clamped: after a deep-
+inspiration hold it put the target at its held position at full exhale, 9 mm away, until the
+next image. Such points give a static model instead (``kind`` "static"): every axis the GLS
+mean of the points, with the offset state; uncertainty the leave-one-out RMS. Built from
+scratch only if the target held still too: every point within ``static_tolerance_mm`` (2 mm)
+of the plain mean of the others (a flat surrogate while the target moves is no breath hold).
 
 Offset (baseline drift) state
 -----------------------------
@@ -124,9 +141,9 @@ Model points, check and recovery (what a physicist can predict)
   cover ``min_build_span_s`` (2.5 s, most of a breath: at 5 Hz imaging four points cover 0.6
   s of one inhale, and a line through them extrapolated over the whole breath was 5.8 mm off
   at the next image); the model becomes VALID at the first image at which these points
-  cover that time (or are ``max_points``) and are mutually consistent: they span at least
-  ``min_span_mm`` (0.5 mm) of surrogate (else the slope is undetermined) and a linear fit to
-  them predicts each one, left out, within ``check_threshold_mm``. Otherwise the oldest is
+  cover that time (or are ``max_points``) and are mutually consistent: a linear fit to them
+  predicts each one, left out, within ``check_threshold_mm``; or, spanning less than
+  ``min_span_mm`` of surrogate, they held still (a static model, above). Otherwise the oldest is
   dropped and the next image is awaited. So (imaging every 0.85 s or slower) after a real
   shift of the target the model is valid again at the ``min_points``-th image (the suspect
   one included); after a single bad image, at the ``min_points``-th good image after it.
@@ -177,6 +194,9 @@ __all__ = [
 # In order of complexity: the simplest enabled kind is the default (see "Selection").
 MODEL_KINDS = ("linear", "quadratic", "dual", "augmented")
 _N_PARAMS = {"linear": 2, "quadratic": 3, "dual": 3, "augmented": 3}
+# Not a candidate: the form every axis takes while the points span less than min_span_mm of
+# surrogate (a breath hold), where no slope can be determined (see "Static model").
+STATIC = "static"
 # A 3-parameter model is fitted only with at least 3 residual degrees of freedom.
 _SPARE_DOF = 3
 _NAN3 = (math.nan, math.nan, math.nan)
@@ -534,7 +554,8 @@ class CorrelationParams:
     dual_ramp_fraction: float = 0.25  # dual: |v| below this x max |v| of the points ramps h
     velocity_window_s: float = 0.4  # causal velocity window (pass to SurrogateHistory)
     smoothing_window_s: float = 0.2  # causal surrogate smoothing window (pass to it too)
-    min_span_mm: float = 0.5  # (re)building: the points must span this much surrogate
+    min_span_mm: float = 0.5  # a slope needs this much surrogate; below, a static model
+    static_tolerance_mm: float = 2.0  # ... built only if every point is this near the others
     min_build_span_s: float = 2.5  # ... and this much time (most of a breath), max_points allowing
     max_extrapolation: float = 1.0  # surrogate clamped to the points' range +- this x range
     min_refit_interval_s: float = 0.5  # a valid model is refitted at most this often
@@ -580,6 +601,8 @@ class CorrelationParams:
             problems.append(f"min_build_span_s = {self.min_build_span_s!r}: expected >= 0 s")
         if not (0 <= self.min_span_mm < math.inf):
             problems.append(f"min_span_mm = {self.min_span_mm!r}: expected >= 0 mm")
+        if not (0 < self.static_tolerance_mm < math.inf):
+            problems.append(f"static_tolerance_mm = {self.static_tolerance_mm!r}: expected > 0 mm")
         if not (0 <= self.max_extrapolation < math.inf):
             problems.append(f"max_extrapolation = {self.max_extrapolation!r}: expected >= 0")
         if not (0 <= self.min_refit_interval_s < math.inf):
@@ -640,6 +663,8 @@ class _Fit:
         "zhi",
         "zmin",
         "zmax",
+        "zout_lo",
+        "zout_hi",
         "vlo",
         "vhi",
         "inv_v_dual",
@@ -651,12 +676,15 @@ class _Fit:
     )
 
     def __init__(self, kinds, geom, coef):
-        sc, inv_ss, zlo, zhi, extrap, vlo, vhi, inv_v_dual, inv_v_aug = geom
+        sc, inv_ss, zlo, zhi, extrap, min_span_z, vlo, vhi, inv_v_dual, inv_v_aug = geom
         self.kinds = tuple(kinds)
         self.sc, self.inv_ss, self.zlo, self.zhi = sc, inv_ss, zlo, zhi
         # never extrapolate further than extrap x the points' own span beyond them
         self.zmin = zlo - extrap * (zhi - zlo)
         self.zmax = zhi + extrap * (zhi - zlo)
+        # and say nothing beyond that (or beyond min_span_mm of a static model's points)
+        beyond = max(extrap * (zhi - zlo), min_span_z)
+        self.zout_lo, self.zout_hi = zlo - beyond, zhi + beyond
         self.vlo, self.vhi = vlo, vhi
         self.inv_v_dual, self.inv_v_aug = inv_v_dual, inv_v_aug
         self.coef = coef  # per axis (LR, SI, AP): coefficients of (1, z, q, h, v)
@@ -665,8 +693,13 @@ class _Fit:
         principal = max(range(3), key=lambda ax: abs(coef[ax][1]))
         self.kind = self.kinds[principal]
 
-    def predict(self, s: float, v: float) -> tuple[float, float, float]:
+    def predict(self, s: float, v: float, beyond: bool = False) -> tuple[float, float, float]:
+        """The position at surrogate ``s``, velocity ``v``; (nan, nan, nan) for a surrogate
+        beyond the model's range, unless ``beyond`` (the clamped value: for checking a
+        point, which may be a real shift, against the model)."""
         z = (s - self.sc) * self.inv_ss
+        if not beyond and (z < self.zout_lo or z > self.zout_hi):
+            return _NAN3
         z = self.zmin if z < self.zmin else (self.zmax if z > self.zmax else z)
         q = h = g = 0.0
         if self.use_q:  # curvature inside the fitted range, tangent beyond
@@ -687,6 +720,7 @@ class _Fit:
 
 # Columns of ``_full_design`` each model uses: intercept, z, then its own terms.
 _COLUMNS = {
+    STATIC: [0],
     "linear": [0, 1],
     "quadratic": [0, 1, 2],
     "dual": [0, 1, 3],
@@ -856,6 +890,8 @@ class CorrelationModel:
         """RMS 3-D error of predict() from held-out residuals (inf while not valid)."""
         if not self._valid or self._sel is None:
             return math.inf
+        if self._sel.kind == STATIC:  # no forms to choose between, no held-out scores
+            return self._loo_rms
         # the selected form's held-out squared errors, axis by axis
         e2 = sum(self._score[k][ax] for ax, k in enumerate(self._sel.kinds))
         if self._n_scored >= self.params.min_held_out:
@@ -865,7 +901,8 @@ class CorrelationModel:
 
     # ---- prediction ------------------------------------------------------------------------
     def predict(self, features: ModelFeatures) -> tuple[float, float, float]:
-        """Internal (LR, SI, AP) mm at the features; (nan, nan, nan) while not valid."""
+        """Internal (LR, SI, AP) mm at the features; (nan, nan, nan) while not valid, and for
+        a surrogate beyond the model's range (see "Range")."""
         fit = self._sel
         if fit is None or not self._valid:
             return _NAN3
@@ -908,10 +945,15 @@ class CorrelationModel:
         if self._fits:
             errs = {}
             for kind, fit in self._fits.items():
-                px, py, pz = fit.predict(s, v)
+                # a point beyond the range is checked against the clamped model (it may be a
+                # real shift), except by a static model, which has no slope to say anything
+                # there: that point is the breathing resuming after a hold
+                px, py, pz = fit.predict(s, v, beyond=kind != STATIC)
                 errs[kind] = ((y[0] - px) ** 2, (y[1] - py) ** 2, (y[2] - pz) ** 2)
             if self._sel is not None:
                 residual = math.sqrt(sum(errs[k][ax] for ax, k in enumerate(self._sel.kinds)))
+                if math.isnan(residual):
+                    residual = None
         else:
             errs = {}
 
@@ -927,7 +969,7 @@ class CorrelationModel:
             return PointResult(residual, False, False, reason)
 
         # Score the candidates only on images where all of them had a fit (comparable sets).
-        if self._valid and len(errs) == len(p.models):
+        if self._valid and errs.keys() == self._score.keys():
             g = self._gamma
             for kind, e2 in errs.items():
                 sc = self._score[kind]
@@ -964,15 +1006,18 @@ class CorrelationModel:
             )
             return PointResult(residual, True, False, self._reasons[0])
         span = max(self._s) - min(self._s)
-        if span < p.min_span_mm:
+        static = span < p.min_span_mm
+        worst, t_worst = self._still() if static else self._consistency()
+        if static and worst > p.static_tolerance_mm:
             self._reasons = (
                 self._building_reason(
-                    f"points span only {span:.2f} mm of surrogate (< {p.min_span_mm:.2f} mm): "
-                    "the slope is not determined; the oldest is dropped at the next point"
+                    f"points span only {span:.2f} mm of surrogate (< {p.min_span_mm:.2f} mm), "
+                    f"too little for a slope, and lie up to {worst:.2f} mm from the others "
+                    f"(> {p.static_tolerance_mm:.2f} mm) for a static model (point at "
+                    f"t={t_worst:.2f} s); the oldest is dropped at the next point"
                 ),
             )
             return PointResult(residual, True, False, self._reasons[0])
-        worst, t_worst = self._consistency()
         if worst > p.check_threshold_mm:
             self._reasons = (
                 self._building_reason(
@@ -1039,8 +1084,18 @@ class CorrelationModel:
         z = (s - sc) * inv_ss
         return t, z, v, Y, Ci, sc, inv_ss
 
+    def _still(self) -> tuple[float, float]:
+        """Worst 3-D distance of a point from the plain mean of the others, and its time: a
+        static model is for a target that held still (no drift term: a target moving while
+        the surrogate does not is not a breath hold)."""
+        Y = np.asarray(self._y)
+        n = len(Y)
+        d = np.linalg.norm(Y - Y.mean(axis=0), axis=1) * (n / (n - 1))
+        i = int(np.argmax(d))
+        return float(d[i]), self._t[i]
+
     def _consistency(self) -> tuple[float, float]:
-        """Worst leave-one-out 3-D error of a default-model fit to the current points."""
+        """Worst leave-one-out 3-D error of a linear fit to the current points."""
         t, z, v, Y, Ci, sc, inv_ss = self._arrays()
         A = np.column_stack((np.ones_like(z), z))  # the building check: always linear
         coef, Gi, CiA = _gls(A, Ci, Y)
@@ -1063,6 +1118,7 @@ class CorrelationModel:
             float(z.min()),
             float(z.max()),
             p.max_extrapolation,
+            p.min_span_mm * inv_ss,
             float(v.min()),
             float(v.max()),
             inv_v_dual,
@@ -1071,6 +1127,9 @@ class CorrelationModel:
         # Every model's columns are a subset of (1, z, q, h, v): one design holding all of
         # them gives every model's normal equations as sub-blocks of one product (the
         # per-sample budget of replay is tight; four separate GLS fits cost 3x as much).
+        if max(self._s) - min(self._s) < p.min_span_mm:
+            self._refit_static(t, Y, Ci, geom)
+            return
         F = _full_design(z, v, inv_v_dual, inv_v_aug)
         CiF = Ci @ F
         G_all = (F.T @ CiF).tolist()
@@ -1115,6 +1174,23 @@ class CorrelationModel:
             coef, Gi, CiA = _gls(A, Ci, Y)
             loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
             self._loo_rms = float(np.sqrt(np.mean(np.sum(loo * loo, axis=1))))
+
+    def _refit_static(self, t, Y, Ci, geom) -> None:
+        """The points span too little surrogate for a slope (a breath hold): every axis is
+        the GLS mean of the points, with the same offset state (see "Static model")."""
+        A = np.ones((len(t), 1))
+        coef, Gi, CiA = _gls(A, Ci, Y)
+        fit = _Fit((STATIC,) * 3, geom, tuple((float(c), 0.0, 0.0, 0.0, 0.0) for c in coef[0]))
+        self._fits = {STATIC: fit}
+        self._sel = fit
+        if self._lambda > 0:
+            tau = t[-1] - t
+            u = self._lambda * np.minimum.outer(tau, tau) @ (Ci @ (Y - coef[0]))
+            self._offset = tuple(float(x) for x in -u.mean(axis=0))
+        else:
+            self._offset = (0.0, 0.0, 0.0)
+        loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
+        self._loo_rms = float(np.sqrt(np.mean(np.sum(loo * loo, axis=1))))
 
     def _select(self) -> tuple[str, str, str]:
         """The form per axis (LR, SI, AP), each chosen on that axis's held-out errors."""

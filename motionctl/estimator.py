@@ -22,7 +22,8 @@ estimates invalid with ``fiducial_disagreement`` until a later image agrees), th
 to the correlation model as a model point.
 
 Validity: an estimate is valid only if the sample was usable, a model is available and
-valid, the predictor has not diverged and the last fiducial check agreed. Every reason is
+valid and speaks for this surrogate (now and predicted: ``surrogate_beyond_model``), the
+predictor has not diverged and the last fiducial check agreed. Every reason is
 named in ``MotionEstimate.reasons``.
 """
 
@@ -157,6 +158,10 @@ class MotionEstimator:
             ahead = model.predict(self.history.features_ahead(predicted, self.s.horizon_s))
             model_sigma = model.uncertainty_mm
             self.last_model = model.kind
+            if position[0] != position[0] or ahead[0] != ahead[0]:  # NaN
+                # beyond the surrogate range the model was built on (e.g. breathing again
+                # after a breath hold's static model): where the target is, nobody knows
+                reasons.append("surrogate_beyond_model")
         elif self.s.use_prior and model.state == "collecting":
             # Before the first X-ray model is built (never after one was invalidated: that is
             # an interlock, not something for the prior to paper over).

@@ -460,3 +460,23 @@ def test_the_headless_status_line_says_when_the_prediction_will_be_ready():
     )
     line = _status_line(controller, 1.0)
     assert "BEAM HOLD (prediction_learning, ready in about 14 s)" in line, line
+
+
+def test_a_breath_hold_gets_a_static_model_that_holds_the_beam_once_breathing_resumes():
+    # The surface holds still at AP 0.5 mm while the target is imaged, still, at SI -0.75:
+    # points that span no surrogate. They make a static model (before, none: the beam waited
+    # on the prior). When the surface moves beyond them, the model says nothing: hold.
+    core = _core(debounce_samples=1)
+    for i in range(120):  # 4 s of hold at 30 Hz, an image every 0.5 s
+        t = i / 30
+        _sample(core, i, t, ap=0.5 + 0.02 * math.sin(7.0 * t))
+        if i % 15 == 14:
+            decision = _image(core, i, t - 0.1, t, si=-0.75)
+    assert core.estimator.correlation.kind == "static"
+    decision = _sample(core, 120, 4.0)
+    assert decision.beam_enabled and core.status.estimate.model == "static"
+    for k in range(1, 16):  # breathing again: up 3 mm in half a second
+        decision = _sample(core, 120 + k, 4.0 + k / 30, ap=0.5 + 0.2 * k)
+    assert not decision.beam_enabled
+    assert "surrogate_beyond_model" in core.status.estimate.reasons
+    assert "estimate_invalid" in decision.reasons

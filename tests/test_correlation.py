@@ -174,12 +174,54 @@ def test_fast_imaging_builds_the_model_over_most_of_a_breath():
     assert model.valid
 
 
-def test_points_that_span_no_surrogate_do_not_make_a_valid_model():
+def test_points_that_span_no_surrogate_make_a_static_model_only_if_the_target_held_still():
+    rng = np.random.default_rng(3)
+    hold = (1.0, -9.0, 3.0)
     model = CorrelationModel()
-    for i in range(6):  # a breath hold: the surrogate does not move
-        res = model.add_point(3.0 * i, ModelFeatures(1.0, 0.0, 3.0 * i), (0.0, float(i), 0.0))
-    assert not model.valid
-    assert "span only 0.00 mm" in res.reason
+    for i in range(6):  # a breath hold: the surrogate does not move, nor the target
+        t = 0.5 * i
+        y = tuple(np.add(hold, rng.normal(0.0, 0.3, 3)))
+        res = model.add_point(t, ModelFeatures(6.0 + rng.normal(0.0, 0.05), 0.0, t), y)
+    assert model.valid and model.kind == "static" and model.kinds == ("static",) * 3
+    assert res.model_valid and res.reason is None
+    assert math.dist(model.predict(ModelFeatures(6.0, 0.0)), hold) < 0.5
+    assert 0.0 < model.uncertainty_mm < 1.5
+    # no slope: it says nothing of a surrogate more than min_span_mm beyond its points
+    for s in (5.0, 0.0, 8.0):
+        assert all(math.isnan(x) for x in model.predict(ModelFeatures(s, 0.0)))
+    # a flat surrogate while the target moves is not a breath hold
+    moving = CorrelationModel()
+    for i in range(6):
+        res = moving.add_point(3.0 * i, ModelFeatures(1.0, 0.0, 3.0 * i), (0.0, 1.5 * i, 0.0))
+    assert not moving.valid
+    assert "span only 0.00 mm" in res.reason and "static model" in res.reason
+
+
+def test_a_long_breath_hold_does_not_leave_a_model_that_outstays_it():
+    # Free breathing builds a linear model; then a deep-inspiration hold imaged every 0.5 s
+    # fills all 40 points. Fitted as before, its slope was noise and its range 0.2 mm
+    # wide, clamped: at exhale (surrogate 0) it said SI -9.7 mm, the target being at 0.
+    rng = np.random.default_rng(0)
+    model = CorrelationModel()
+    t = 0.0
+    for _ in range(20):
+        s = 8.0 * math.sin(math.pi * rng.uniform()) ** 2
+        t += 2.0
+        model.add_point(t, ModelFeatures(s, 0.0, t), (0.0, -1.5 * s, 0.5 * s))
+    assert model.valid and model.kind == "linear"
+    for _ in range(40):
+        t += 0.5
+        y = tuple(np.add((0.0, -9.0, 3.0), rng.normal(0.0, 0.3, 3)))
+        model.add_point(t, ModelFeatures(6.0 + rng.normal(0.0, 0.1), 0.0, t), y)
+    assert model.valid and model.kind == "static"
+    assert model.predict(ModelFeatures(6.0, 0.0))[1] == pytest.approx(-9.0, abs=0.5)
+    assert all(math.isnan(x) for x in model.predict(ModelFeatures(0.0, 0.0)))
+    # breathing resumes: the first image at exhale is not a model error but new range
+    t += 2.0
+    res = model.add_point(t, ModelFeatures(0.0, 0.0, t), (0.0, 0.0, 0.0))
+    assert res.accepted and res.model_valid and res.residual_mm is None
+    assert model.kind != "static"
+    assert model.predict(ModelFeatures(0.0, 0.0))[1] == pytest.approx(0.0, abs=0.5)
 
 
 def test_far_point_invalidates_the_model_with_residual_and_reason():
