@@ -225,7 +225,9 @@ def run(args) -> dict:
 def fmt_kinds(kinds: dict) -> str:
     total = sum(kinds.values()) or 1
     abbrev = {"linear": "lin", "quadratic": "quad", "dual": "dual", "augmented": "aug"}
-    return " ".join(f"{abbrev[k]} {100 * v / total:.0f}%" for k, v in Counter(kinds).most_common())
+    return " ".join(
+        f"{abbrev.get(k, k)} {100 * v / total:.0f}%" for k, v in Counter(kinds).most_common()
+    )
 
 
 def print_table(out: dict) -> None:
