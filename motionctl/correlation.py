@@ -923,8 +923,8 @@ class CorrelationModel:
         for i in range(n):
             z = fit.zmin + (fit.zmax - fit.zmin) * i / (n - 1)
             s = fit.sc + z / fit.inv_ss
-            for v in (fit.vlo, 0.0, fit.vhi):
-                out.append(fit.predict(s, v))
+            for v in (fit.vlo, 0.0, fit.vhi):  # clamped: z may round just beyond the range
+                out.append(fit.predict(s, v, beyond=True))
         return out
 
     # ---- points ----------------------------------------------------------------------------

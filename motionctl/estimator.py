@@ -296,7 +296,11 @@ class MotionEstimator:
             expected = self._prior(features.s)
             sigma = self.s.prior_uncertainty_mm
         result = self.correlation.add_point(t, features, position_mm)
-        if expected is not None:
+        if expected is not None and math.isnan(expected[0]):
+            # The surrogate then was beyond the model's range: the image cannot be judged
+            # (an earlier disagreement stands).
+            self.last_check_mm = math.nan
+        elif expected is not None:
             self.last_check_mm = math.dist(expected, position_mm)
             # A miss is judged against what the estimate claims: never tighter than the
             # tolerance, but a 2-sigma miss of a model that says it is uncertain (the

@@ -480,3 +480,27 @@ def test_a_breath_hold_gets_a_static_model_that_holds_the_beam_once_breathing_re
     assert not decision.beam_enabled
     assert "surrogate_beyond_model" in core.status.estimate.reasons
     assert "estimate_invalid" in decision.reasons
+
+
+def test_an_image_that_cannot_be_judged_does_not_clear_a_disagreement():
+    core = _core(debounce_samples=1)
+    frame = 0
+    for t, _ in _breathe(core, 0.0, 6.0)[::15]:  # an image every 0.5 s, where the prior says
+        ap = 0.5 + 0.3 * math.sin(2 * math.pi * t / 4.0)
+        frame += 1
+        _image(core, frame, t, t + 0.01, si=-1.5 * ap)
+    assert core.estimator.correlation.valid
+    _breathe(core, 6.0, 0.5, i0=1000)
+    # 4 mm off: a disagreement (> 3 mm), not a model error (> 5 mm)
+    _image(core, frame + 1, 6.4, 6.45, si=-1.5 * (0.5 + 0.3 * math.sin(2 * math.pi * 1.6)) + 4.0)
+    _sample(core, 2000, 6.5)
+    assert "fiducial_disagreement" in core.status.estimate.reasons
+    # the surface far beyond anything the model was built on, and an image taken then (near
+    # the model clamped to its range, so not a model error: the estimate's check cannot
+    # judge it, and it must not clear the disagreement)
+    for k in range(1, 31):
+        _sample(core, 2000 + k, 6.5 + k / 30, ap=0.5 + 0.2 * k)
+    assert "surrogate_beyond_model" in core.status.estimate.reasons
+    _image(core, frame + 2, 7.4, 7.45, si=-3.0)
+    _sample(core, 2100, 7.6, ap=6.5)
+    assert "fiducial_disagreement" in core.status.estimate.reasons
