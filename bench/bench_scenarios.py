@@ -33,11 +33,11 @@ between decides: the beam stays as last commanded) it checks
     stale timeout, no device disconnected (and 0.2 s since it reconnected), no malformed
     frame in the last 0.2 s, no device timestamp going back (0.2 s of ordered ones since),
     no device clock stepped > 0.25 s against ours (0.2 s after it agrees again), no
-    non-finite or out-of-range (> 500 mm, a > 5 mm jump, target > 60 mm) surrogate value
-    in the last 0.2 s, no predictor divergence in the last 1 s, the latest estimate valid,
-    the input inside the window for the mode (amplitude: predicted or surrogate value in
-    the operator's current window; phase: in [start, end) wrapping; breath-hold: a
-    captured reference, level within tolerance, stable for min_stable_s), debounce
+    non-finite or out-of-range (> 500 mm, a jump: > 5 mm and > 100 mm/s, target > 60 mm)
+    surrogate value in the last 0.2 s, no predictor divergence in the last 1 s, the latest
+    estimate valid, the input inside the window for the mode (amplitude: predicted or
+    surrogate value in the operator's current window; phase: in [start, end) wrapping;
+    breath-hold: a captured reference, level within tolerance, stable for min_stable_s), debounce
     consecutive samples with all of this holding, no X-ray disagreement (> max(3 mm,
     2 sigma)) not yet followed by a non-disagreeing image and an acknowledgement, no dwell
     (> dwell_mm off for > dwell_s) not yet acknowledged after it ended; and an invalid
@@ -96,7 +96,7 @@ DIVERGED_CLEAR_S = 1.0
 SKEW_S = 0.25
 SKEW_MARGIN_S = 0.3  # the generator never makes clock offsets between 0.25 and 0.3 s
 MAX_ABS_MM = 500.0
-JUMP_MM = 5.0
+JUMP_SPEED_MM_S = 100.0
 MAX_TARGET_MM = 60.0
 ACK_KEYS = ("fiducial_disagreement", "correlation_model_invalid")
 MODES = ("amplitude/predicted", "amplitude/surrogate", "phase", "breath_hold/volume",
@@ -280,8 +280,15 @@ class Oracle:
         else:
             if t_rx - self.prev_raw_t > 0.5:
                 self.n_clean = 0
-            if self.prev_raw is not None and self.n_clean >= 3 and abs(raw - self.prev_raw) > 8:
-                # a jump no breath makes (the generator's jumps are >= 8 mm)
+            step = abs(raw - self.prev_raw) if self.prev_raw is not None else 0.0
+            if (
+                self.n_clean >= 3
+                and step > 8
+                and step > JUMP_SPEED_MM_S * (t_rx - self.prev_raw_t) + 2
+            ):
+                # a jump no breath makes (the generator's jumps are >= 8 mm), clearly faster
+                # than breathing since the previous sample (a step after a short gap, or at a
+                # low rate, may be breathing)
                 self._off_until("out_of_range", t_rx)
             self.prev_raw, self.prev_raw_t = raw, t_rx
             self.n_clean += 1

@@ -557,7 +557,7 @@ class CorrelationParams:
     min_span_mm: float = 0.5  # a slope needs this much surrogate; below, a static model
     static_tolerance_mm: float = 2.0  # ... built only if every point is this near the others
     min_build_span_s: float = 2.5  # ... and this much time (most of a breath), max_points allowing
-    max_extrapolation: float = 1.0  # surrogate clamped to the points' range +- this x range
+    max_extrapolation: float = 1.0  # a model speaks for its points' range +- this x range
     min_refit_interval_s: float = 0.5  # a valid model is refitted at most this often
 
     def __post_init__(self) -> None:
@@ -1124,12 +1124,12 @@ class CorrelationModel:
             inv_v_dual,
             inv_v_aug,
         )
-        # Every model's columns are a subset of (1, z, q, h, v): one design holding all of
-        # them gives every model's normal equations as sub-blocks of one product (the
-        # per-sample budget of replay is tight; four separate GLS fits cost 3x as much).
         if max(self._s) - min(self._s) < p.min_span_mm:
             self._refit_static(t, Y, Ci, geom)
             return
+        # Every model's columns are a subset of (1, z, q, h, v): one design holding all of
+        # them gives every model's normal equations as sub-blocks of one product (the
+        # per-sample budget of replay is tight; four separate GLS fits cost 3x as much).
         F = _full_design(z, v, inv_v_dual, inv_v_aug)
         CiF = Ci @ F
         G_all = (F.T @ CiF).tolist()

@@ -87,7 +87,6 @@ class SurrogateProcessor:
     def reset(self) -> None:
         self._last_t: float | None = None
         self._window: deque[float] = deque(maxlen=self.p.spike_window)
-        self._window_t: deque[float] = deque(maxlen=self.p.spike_window)
         self._smooth: float | None = None
         self._restart_cycles()
 
@@ -121,14 +120,13 @@ class SurrogateProcessor:
         if self._last_t is not None and t - self._last_t > p.gap_s:
             # After a gap the breathing state is unknown: restart rather than bridge it.
             self._window.clear()
-            self._window_t.clear()
             self._smooth = None
             self._restart_cycles()
             reasons.append("gap")
         dt = 0.0 if self._last_t is None else t - self._last_t
         self._last_t = t
 
-        clean = self._despike(t, value, reasons)
+        clean = self._despike(value, dt, reasons)
         if self._smooth is None or p.smoothing_s <= 0:
             self._smooth = clean
         else:
@@ -140,10 +138,10 @@ class SurrogateProcessor:
     def _invalid(self, t: float, value: float, reasons: tuple[str, ...]) -> SurrogateState:
         return SurrogateState(t, _NAN, value, False, reasons, _NAN, _NAN, _NAN, _NAN, _NAN, _NAN)
 
-    def _despike(self, t: float, value: float, reasons: list[str]) -> float:
+    def _despike(self, value: float, dt: float, reasons: list[str]) -> float:
+        """``dt``: the time since the previous sample."""
         window = self._window
         window.append(value)  # raw values: a real step wins once it fills half the window
-        self._window_t.append(t)
         if len(window) < 3:
             return value
         ordered = sorted(window)
@@ -155,9 +153,8 @@ class SurrogateProcessor:
             reasons.append("spike_replaced")
             # A jump is a step no breath makes since the previous sample: in seconds, not
             # samples (at 5 Hz a 55 mm lung surrogate's ordinary inhale moves 12 mm).
-            if deviation > self.p.jump_mm and abs(value - window[-2]) > self.p.jump_speed_mm_s * (
-                t - self._window_t[-2]
-            ):
+            step = abs(value - window[-2])
+            if deviation > self.p.jump_mm and step > self.p.jump_speed_mm_s * dt:
                 reasons.append("surrogate_jump")
             return median
         return value
