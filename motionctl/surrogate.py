@@ -14,9 +14,15 @@ positive: the caller flips the sign of a signal that falls on inhale). Per sampl
   end-inhale times and levels, the period, the peak-to-peak amplitude.
 - **baseline and drift**: the end-exhale level averaged over the last cycles, and its drift
   rate from a line through the recent end-exhale levels (mm/s).
-- **phase** in [0, 1): time since the last end-exhale over the current period (0 =
-  end-exhale), and an **irregularity** score: the combined coefficient of variation of the
-  recent periods and amplitudes (0 = perfectly regular).
+- **phase** in [0, 1), 0 = end-exhale, 0.5 = end-inhale: in two halves, the time since the
+  last end-exhale over the recent inhale duration (0 to 0.5), then the time since the last
+  end-inhale over the recent exhale duration (0.5 to 1, then on into the next breath). It
+  never passes an end-inhale that has not been confirmed: a breath held at end-inhale stays
+  at 0.5, and a long end-exhale rest at most reaches the next breath's 0.5. Time since the
+  last end-exhale over the period, wrapped, ran on through end-exhale while the breath was
+  held at end-inhale: into an end-exhale gating window after 0.8 of a period.
+- **irregularity**: the combined coefficient of variation of the recent periods and
+  amplitudes (0 = perfectly regular).
 
 The processor is pure and clock-injected: time comes with each sample.
 """
@@ -101,6 +107,7 @@ class SurrogateProcessor:
         self._inhales: deque[tuple[float, float]] = deque(maxlen=self.p.cycles_for_statistics + 1)
         self._period = self._amplitude = self._baseline = self._drift = _NAN
         self._irregularity = _NAN
+        self._inhale_s = self._exhale_s = _NAN  # recent durations of the two halves
 
     # ---------------------------------------------------------------------------------
     def step(self, t: float, value: float) -> SurrogateState:
@@ -203,15 +210,22 @@ class SurrogateProcessor:
         self._irregularity = (
             math.hypot(_cv(periods), _cv(amplitudes)) if len(periods) >= 2 else _NAN
         )
+        # the halves: end-exhale -> end-inhale and end-inhale -> end-exhale, turn by turn
+        turns = sorted([(t, 0) for t, _ in exhales] + [(t, 1) for t, _ in self._inhales])
+        halves: tuple[list[float], list[float]] = ([], [])
+        for (ta, kind), (tb, next_kind) in zip(turns[:-1], turns[1:], strict=True):
+            if kind != next_kind and tb - ta <= p.max_period_s:
+                halves[kind].append(tb - ta)
+        n = p.cycles_for_statistics
+        self._inhale_s = _median(halves[0][-n:])
+        self._exhale_s = _median(halves[1][-n:])
 
     def _state(self, t: float, raw: float, reasons: list[str], event: str | None) -> SurrogateState:
         if event is not None:
             self._update_statistics()
         period = self._period
-        phase = _NAN
-        if self._exhales and math.isfinite(period):
-            phase = ((t - self._exhales[-1][0]) / period) % 1.0
-        else:
+        phase = self._phase(t)
+        if not math.isfinite(phase):
             reasons.append("no_breathing_cycle_yet")
         # Only problems with the sample itself make it invalid (handled before); the
         # breathing state not being known yet is reported, and a consumer that needs it
@@ -230,6 +244,23 @@ class SurrogateProcessor:
             self._irregularity,
             event,
         )
+
+    def _phase(self, t: float) -> float:
+        """Two halves (see the module docstring); nan until a period is known."""
+        if not (self._exhales and math.isfinite(self._period)):
+            return _NAN
+        t_exhale = self._exhales[-1][0]
+        t_inhale = self._inhales[-1][0] if self._inhales else -math.inf
+        half = 0.5 * self._period
+        d_in = self._inhale_s if math.isfinite(self._inhale_s) else half
+        if t_inhale > t_exhale:  # exhaling: 0.5 at end-inhale
+            d_ex = self._exhale_s if math.isfinite(self._exhale_s) else half
+            if t - t_inhale < d_ex:
+                return 0.5 + 0.5 * (t - t_inhale) / d_ex
+            # on into the next breath (an end-exhale is confirmed only once the signal has
+            # risen again), but not past its end-inhale
+            return min(0.5 * (t - t_inhale - d_ex) / d_in, 0.5)
+        return min(0.5 * (t - t_exhale) / d_in, 0.5)
 
 
 def _median(values: list[float]) -> float:

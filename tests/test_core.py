@@ -504,3 +504,20 @@ def test_an_image_that_cannot_be_judged_does_not_clear_a_disagreement():
     _image(core, frame + 2, 7.4, 7.45, si=-3.0)
     _sample(core, 2100, 7.6, ap=6.5)
     assert "fiducial_disagreement" in core.status.estimate.reasons
+
+
+def test_phase_gating_holds_through_a_breath_held_at_inhale():
+    # End-exhale phase gating; the patient holds the breath at end-inhale for 4 s. The phase
+    # as time over the period ran on through end-exhale while the breath was held: the beam
+    # came on with the target at end-inhale.
+    core = _core(mode="phase", phase_window=[0.8, 0.2], debounce_samples=1)
+    on_during_hold = []
+    for i in range(round(40 * 30)):
+        t = i / 30
+        tb = t if t < 22.0 else (22.0 if t < 26.0 else t - 4.0)  # held at 22 s (end-inhale)
+        ap = 0.2 + 3.0 * math.sin(math.pi * tb / 4.0) ** 4
+        decision = _sample(core, i, t, ap=ap)
+        if 22.5 <= t < 26.0:
+            on_during_hold.append(decision.beam_enabled)
+    assert not any(on_during_hold)
+    assert core.status.estimate is not None and math.isfinite(core.status.estimate.phase)

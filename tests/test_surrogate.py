@@ -146,3 +146,27 @@ def test_a_gap_restarts_the_breathing_state():
     resumed = proc.step(31.0, float(breathing(31.0)))
     assert "gap" in resumed.reasons
     assert math.isnan(resumed.period_s) and "no_breathing_cycle_yet" in resumed.reasons
+
+
+def test_the_phase_does_not_run_on_through_a_held_breath():
+    # 20 s of 4 s breaths, then the breath held at end-inhale for 4 s, then breathing again.
+    # Phase as time since end-exhale over the period wrapped through end-exhale (0.8-1.0,
+    # then 0-0.2: an end-exhale gating window) while the target stood at end-inhale.
+    t = np.arange(0, 40, 1 / 30)
+    held = (t >= 22.0) & (t < 26.0)
+    shifted = np.where(t >= 26.0, t - 4.0, t)
+    x = np.where(held, 10.0, breathing(shifted, period=4.0, amplitude=10.0))
+    states = run(t, x)
+    during = [s.phase for s in states if 22.3 <= s.t < 26.0]
+    assert all(0.3 <= p <= 0.5 for p in during), (min(during), max(during))
+    # a long end-exhale rest runs on into the next breath, never past its end-inhale
+    t2 = np.arange(0, 40, 1 / 30)
+    rest = (t2 >= 24.0) & (t2 < 30.0)
+    x2 = np.where(rest, 0.0, breathing(np.where(t2 >= 30.0, t2 - 6.0, t2), 4.0, 10.0))
+    states2 = run(t2, x2)
+    during2 = [s.phase for s in states2 if 24.0 <= s.t < 30.0]
+    assert all(p >= 0.9 or p <= 0.5 for p in during2), (min(during2), max(during2))
+    assert during2[-1] == 0.5
+    # regular breathing keeps its phase (0.5 at end-inhale, tested above)
+    at_exhale = [s.phase for s in states if s.t > 30 and abs(s.t % 4.0 - 2.0) > 1.9]
+    assert np.median([min(p, 1 - p) for p in at_exhale]) < 0.06
