@@ -57,7 +57,9 @@ with ``surrogate_beyond_model``: a surrogate twice as far out as anything imaged
 again after a breath hold's static model, says nothing of where the target is. Checking a new
 point, the model is evaluated clamped to that range instead (the point may be a real shift, to
 be caught), except a static model, which has no slope to say anything beyond its points: such
-a point is the breathing resuming, and it is accepted unchecked and gives the refit its slope.
+a point is the breathing resuming, accepted unchecked; the refit takes a slope only once the
+points agree on one (the building check: each left out within ``check_threshold_mm`` of a
+line through the others, so at least two such points), until then the model stays static.
 
 Static model
 ------------
@@ -1126,6 +1128,12 @@ class CorrelationModel:
         )
         if max(self._s) - min(self._s) < p.min_span_mm:
             self._refit_static(t, Y, Ci, geom)
+            return
+        static = self._sel is not None and self._sel.kind == STATIC
+        if static and self._consistency()[0] > p.check_threshold_mm:
+            # Breathing again after a hold: its points joined unchecked (a static model has
+            # no slope to check them by), so a slope is taken only once they agree on one,
+            # as when building; until then the static model speaks for its hold alone.
             return
         # Every model's columns are a subset of (1, z, q, h, v): one design holding all of
         # them gives every model's normal equations as sub-blocks of one product (the

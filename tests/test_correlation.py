@@ -201,26 +201,38 @@ def test_a_long_breath_hold_does_not_leave_a_model_that_outstays_it():
     # Free breathing builds a linear model; then a deep-inspiration hold imaged every 0.5 s
     # fills all 40 points. Fitted as before, its slope was noise and its range 0.2 mm
     # wide, clamped: at exhale (surrogate 0) it said SI -9.7 mm, the target being at 0.
-    rng = np.random.default_rng(0)
-    model = CorrelationModel()
-    t = 0.0
-    for _ in range(20):
-        s = 8.0 * math.sin(math.pi * rng.uniform()) ** 2
-        t += 2.0
-        model.add_point(t, ModelFeatures(s, 0.0, t), (0.0, -1.5 * s, 0.5 * s))
-    assert model.valid and model.kind == "linear"
-    for _ in range(40):
-        t += 0.5
-        y = tuple(np.add((0.0, -9.0, 3.0), rng.normal(0.0, 0.3, 3)))
-        model.add_point(t, ModelFeatures(6.0 + rng.normal(0.0, 0.1), 0.0, t), y)
+    def held() -> tuple[CorrelationModel, float]:
+        rng = np.random.default_rng(0)
+        model = CorrelationModel()
+        t = 0.0
+        for _ in range(20):
+            s = 8.0 * math.sin(math.pi * rng.uniform()) ** 2
+            t += 2.0
+            model.add_point(t, ModelFeatures(s, 0.0, t), (0.0, -1.5 * s, 0.5 * s))
+        assert model.valid and model.kind == "linear"
+        for _ in range(40):
+            t += 0.5
+            y = tuple(np.add((0.0, -9.0, 3.0), rng.normal(0.0, 0.3, 3)))
+            model.add_point(t, ModelFeatures(6.0 + rng.normal(0.0, 0.1), 0.0, t), y)
+        return model, t
+
+    model, t = held()
     assert model.valid and model.kind == "static"
     assert model.predict(ModelFeatures(6.0, 0.0))[1] == pytest.approx(-9.0, abs=0.5)
     assert all(math.isnan(x) for x in model.predict(ModelFeatures(0.0, 0.0)))
-    # breathing resumes: the first image at exhale is not a model error but new range
+    # breathing resumes: an image at exhale is not a model error but new range; one point
+    # shows no slope (nor whether it is a bad image), two that agree on one do
     t += 2.0
     res = model.add_point(t, ModelFeatures(0.0, 0.0, t), (0.0, 0.0, 0.0))
     assert res.accepted and res.model_valid and res.residual_mm is None
-    assert model.kind != "static"
+    assert model.kind == "static"
+    assert all(math.isnan(x) for x in model.predict(ModelFeatures(0.0, 0.0)))
+    bad, _ = held()  # the same, but its second image is 8 mm off the first one's line
+    bad.add_point(t, ModelFeatures(0.0, 0.0, t), (0.0, 0.0, 0.0))
+    t += 2.0
+    model.add_point(t, ModelFeatures(3.0, 0.0, t), (0.0, -4.5, 1.5))
+    bad.add_point(t, ModelFeatures(3.0, 0.0, t), (0.0, 3.5, 1.5))
+    assert model.kind == "linear" and bad.kind == "static"
     assert model.predict(ModelFeatures(0.0, 0.0))[1] == pytest.approx(0.0, abs=0.5)
 
 
