@@ -211,10 +211,11 @@ class SurrogateProcessor:
             math.hypot(_cv(periods), _cv(amplitudes)) if len(periods) >= 2 else _NAN
         )
         # the halves: end-exhale -> end-inhale and end-inhale -> end-exhale, turn by turn
+        # (a half shorter than a quarter of the shortest breath is a noise turn, not breath)
         turns = sorted([(t, 0) for t, _ in exhales] + [(t, 1) for t, _ in self._inhales])
         halves: tuple[list[float], list[float]] = ([], [])
         for (ta, kind), (tb, next_kind) in zip(turns[:-1], turns[1:], strict=True):
-            if kind != next_kind and tb - ta <= p.max_period_s:
+            if kind != next_kind and 0.25 * p.min_period_s <= tb - ta <= p.max_period_s:
                 halves[kind].append(tb - ta)
         n = p.cycles_for_statistics
         self._inhale_s = _median(halves[0][-n:])
