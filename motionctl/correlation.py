@@ -790,6 +790,13 @@ def _gls(A: np.ndarray, Ci: np.ndarray, Y: np.ndarray):
     return Gi @ (CiA.T @ Y), Gi, CiA
 
 
+def _loo_rms(A, Ci, Y) -> float:
+    """RMS 3-D leave-one-out error of the GLS fit of design ``A``."""
+    coef, Gi, CiA = _gls(A, Ci, Y)
+    loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
+    return float(np.sqrt(np.mean(np.sum(loo * loo, axis=1))))
+
+
 def _loo_residuals(A, Ci, Y, coef, Gi, CiA) -> np.ndarray:
     """Leave-one-out residuals of a GLS fit (n x 3), exact for known C (Dubrule 1983)."""
     Q = Ci - CiA @ Gi @ CiA.T
@@ -1096,9 +1103,10 @@ class CorrelationModel:
         i = int(np.argmax(d))
         return float(d[i]), self._t[i]
 
-    def _consistency(self) -> tuple[float, float]:
-        """Worst leave-one-out 3-D error of a linear fit to the current points."""
-        t, z, v, Y, Ci, sc, inv_ss = self._arrays()
+    def _consistency(self, arrays=None) -> tuple[float, float]:
+        """Worst leave-one-out 3-D error of a linear fit to the current points (``arrays``:
+        their ``_arrays()``, if already at hand)."""
+        t, z, _, Y, Ci, _, _ = arrays if arrays is not None else self._arrays()
         A = np.column_stack((np.ones_like(z), z))  # the building check: always linear
         coef, Gi, CiA = _gls(A, Ci, Y)
         loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
@@ -1109,7 +1117,8 @@ class CorrelationModel:
     def _refit(self) -> None:
         p = self.params
         self._t_refit = self._t[-1]
-        t, z, v, Y, Ci, sc, inv_ss = self._arrays()
+        arrays = self._arrays()
+        t, z, v, Y, Ci, sc, inv_ss = arrays
         n = len(t)
         vmax = float(np.max(np.abs(v)))
         inv_v_dual = 1.0 / (p.dual_ramp_fraction * vmax) if vmax > 1e-9 else 0.0
@@ -1130,7 +1139,7 @@ class CorrelationModel:
             self._refit_static(t, Y, Ci, geom)
             return
         static = self._sel is not None and self._sel.kind == STATIC
-        if static and self._consistency()[0] > p.check_threshold_mm:
+        if static and self._consistency(arrays)[0] > p.check_threshold_mm:
             # Breathing again after a hold: its points joined unchecked (a static model has
             # no slope to check them by), so a slope is taken only once they agree on one,
             # as when building; until then the static model speaks for its hold alone.
@@ -1169,36 +1178,30 @@ class CorrelationModel:
             self._sel = fits[sel[0]]
         else:  # each axis with its own form (see "Selection")
             self._sel = _Fit(sel, geom, tuple(fits[k].coef[ax] for ax, k in enumerate(sel)))
-        # Kriging estimate of the random-walk part at the points, u_i = b(t_i) - b(t_newest).
-        if self._lambda > 0:
-            r = Y - F @ np.array(self._sel.coef).T
-            tau = t[-1] - t
-            u = self._lambda * np.minimum.outer(tau, tau) @ (Ci @ r)
-            self._offset = tuple(float(x) for x in -u.mean(axis=0))
-        else:
-            self._offset = (0.0, 0.0, 0.0)
+        self._set_offset(t, Y - F @ np.array(self._sel.coef).T, Ci)
         if self._n_scored < p.min_held_out:  # the default form on every axis (_select)
-            A = F[:, _COLUMNS[self._default_kind]]
-            coef, Gi, CiA = _gls(A, Ci, Y)
-            loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
-            self._loo_rms = float(np.sqrt(np.mean(np.sum(loo * loo, axis=1))))
+            self._loo_rms = _loo_rms(F[:, _COLUMNS[self._default_kind]], Ci, Y)
 
     def _refit_static(self, t, Y, Ci, geom) -> None:
         """The points span too little surrogate for a slope (a breath hold): every axis is
         the GLS mean of the points, with the same offset state (see "Static model")."""
         A = np.ones((len(t), 1))
-        coef, Gi, CiA = _gls(A, Ci, Y)
+        coef = _gls(A, Ci, Y)[0]
         fit = _Fit((STATIC,) * 3, geom, tuple((float(c), 0.0, 0.0, 0.0, 0.0) for c in coef[0]))
         self._fits = {STATIC: fit}
         self._sel = fit
+        self._set_offset(t, Y - coef[0], Ci)
+        self._loo_rms = _loo_rms(A, Ci, Y)
+
+    def _set_offset(self, t, r, Ci) -> None:
+        """Kriging estimate of the random-walk part at the points from the fit's residuals
+        ``r``, u_i = b(t_i) - b(t_newest); the offset is minus its mean over the points."""
         if self._lambda > 0:
             tau = t[-1] - t
-            u = self._lambda * np.minimum.outer(tau, tau) @ (Ci @ (Y - coef[0]))
+            u = self._lambda * np.minimum.outer(tau, tau) @ (Ci @ r)
             self._offset = tuple(float(x) for x in -u.mean(axis=0))
         else:
             self._offset = (0.0, 0.0, 0.0)
-        loo = _loo_residuals(A, Ci, Y, coef, Gi, CiA)
-        self._loo_rms = float(np.sqrt(np.mean(np.sum(loo * loo, axis=1))))
 
     def _select(self) -> tuple[str, str, str]:
         """The form per axis (LR, SI, AP), each chosen on that axis's held-out errors."""
