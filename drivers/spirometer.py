@@ -120,6 +120,13 @@ This driver
 * Commands are sent by ``command_valve``, ``set_level`` and ``zero``, which return the seq;
   ``wait_reply(seq, timeout)`` gives the ``CommandReply`` (ACK, NAK with its reason, or
   ``timeout``) once it is known.
+* Reconnects. A port that fails (a USB adapter unplugged, a read or write error, a write
+  that times out) is closed and opened again by the reader thread, with back-off (50 ms
+  doubling up to ``reconnect_max_s``), until it opens or ``stop()``: a serial line has no
+  connection to lose, so the port is what is watched. Each opening is a ``connected`` event
+  (``start()`` gives the first); the stream's counters and seq/clock tracking go on across
+  it, so readings lost in the gap are counted as a ``seq_gap``, and a command outstanding
+  when the port failed ends as ``ack_lost``.
 
 Events (``DeviceEvent(name, t, kind, detail)``): ``malformed``, ``seq_gap`` (SPV readings
 missing), ``reordered`` (an SPV reading arrived after a later one), ``seq_reset`` (the SPV
@@ -128,8 +135,9 @@ reading with an earlier ``t_ms`` than the one before), ``clock_wrapped`` (``t_ms
 through 0, as it does every 49.7 days), ``valve_closed``, ``valve_opened`` (detail: who),
 ``zeroed``, ``level_set``, ``device_error`` (from STS lines), ``ack``, ``nak``, ``ack_lost``
 (no reply in time), ``unmatched_ack`` (a reply for no outstanding command: late, or not
-ours), ``port_error`` (the reader thread ends; ``stop()`` then ``start()`` to reconnect),
-``reader_error`` (a bug or a raising callback ended the reader).
+ours), ``connected`` (detail: the URL; the port opened, by ``start()`` or a reconnection),
+``port_error`` (the port failed: closed, and reopened as above), ``reader_error`` (a bug or a
+raising callback ended the reader; ``stop()`` then ``start()`` to read again).
 """
 
 from __future__ import annotations
@@ -166,6 +174,8 @@ BAUDRATE = 115200
 READ_TIMEOUT_S = 0.05  # bounds how long stop() waits for the reader to notice
 WRITE_TIMEOUT_S = 0.1  # a device that stops reading must not block the caller for good
 JOIN_TIMEOUT_S = 2.0
+RECONNECT_FIRST_S = 0.05  # the first retry after a port failure; doubles each time ...
+DEFAULT_RECONNECT_MAX_S = 1.0  # ... up to this (config: devices.spirometer.reconnect_max_s)
 DEFAULT_ACK_TIMEOUT_S = 0.25
 SEQ_MODULO = 65536
 T_MS_MAX = 2**32 - 1
@@ -187,7 +197,7 @@ STATUS_EVENTS = {
 }
 # Events that are part of normal use are logged at INFO, the rest at WARNING.
 _ROUTINE_EVENTS = frozenset(
-    {"ack", "valve_closed", "valve_opened", "zeroed", "level_set", "clock_wrapped"}
+    {"ack", "valve_closed", "valve_opened", "zeroed", "level_set", "clock_wrapped", "connected"}
 )
 REPLIES_KEPT = 256  # wait_reply() can look this many commands back
 
@@ -332,15 +342,19 @@ class SpirometerDriver:
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[DeviceEvent], None] | None = None,
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        reconnect_max_s: float = DEFAULT_RECONNECT_MAX_S,
     ) -> None:
         if not ack_timeout_s > 0:
             raise ValueError(f"ack_timeout_s must be positive, got {ack_timeout_s}")
+        if not reconnect_max_s > 0:
+            raise ValueError(f"reconnect_max_s must be positive, got {reconnect_max_s}")
         self._url = url
         self._sink = sink
         self._name = name
         self._clock = clock
         self._on_event = on_event
         self._ack_timeout_s = ack_timeout_s
+        self._reconnect_max_s = reconnect_max_s
         self._log = logging.getLogger(f"motionctl.driver.{name}")
         self._lock = threading.Lock()
         self._replied = threading.Condition(self._lock)  # notified when a command settles
@@ -357,7 +371,7 @@ class SpirometerDriver:
         self._missing: dict[int, None] = {}  # seqs counted lost, newest last (a late one may come)
         self._last_t_ms: int | None = None  # the previous reading's t_ms, as sent ...
         self._last_t_device_ms = 0  # ... and unwrapped
-        self._port_failed = False
+        self._port_failed = False  # set on a read or write failure: the reader reopens
         self._stats: dict = {
             "samples": 0,
             "lost_samples": 0,  # counted from SPV seq gaps (less readings that came late)
@@ -371,6 +385,7 @@ class SpirometerDriver:
             "naks": 0,
             "acks_lost": 0,
             "unmatched": 0,
+            "reconnects": 0,
             "events": {},  # per event kind
         }
 
@@ -387,11 +402,26 @@ class SpirometerDriver:
     def start(self) -> None:
         """Open the port and start the reader thread; does nothing if already started.
 
-        Raises serial.SerialException if the port cannot be opened.
+        Raises serial.SerialException if the port cannot be opened (once started, a port
+        that fails is reopened by the reader).
         """
         with self._lock:
-            if self._port is not None:
+            if self._reader is not None:
                 return
+        port = self._open()
+        with self._lock:
+            self._reset_session_locked()
+            self._port = port
+            connected = self._event_locked(self._clock(), "connected", self._url)
+        self._stop.clear()
+        self._deliver([connected])  # before any reading
+        self._reader = threading.Thread(
+            target=self._reader_main, args=(port,), name=f"{self._name}-reader", daemon=False
+        )
+        self._reader.start()
+        self._log.info("opened %s", self._url)
+
+    def _open(self) -> serial.SerialBase:
         port = serial.serial_for_url(
             self._url, baudrate=BAUDRATE, timeout=READ_TIMEOUT_S, write_timeout=WRITE_TIMEOUT_S
         )
@@ -400,15 +430,7 @@ class SpirometerDriver:
         except (OSError, serial.SerialException):
             port.close()
             raise
-        with self._lock:
-            self._reset_session_locked()
-            self._port = port
-        self._stop.clear()
-        self._reader = threading.Thread(
-            target=self._reader_main, args=(port,), name=f"{self._name}-reader", daemon=False
-        )
-        self._reader.start()
-        self._log.info("opened %s", self._url)
+        return port
 
     def stop(self) -> None:
         """Stop the reader and close the port. Idempotent; waits at most JOIN_TIMEOUT_S.
@@ -416,21 +438,23 @@ class SpirometerDriver:
         Raises RuntimeError if the reader thread does not end (a callback that blocks).
         """
         with self._lock:
-            port, reader = self._port, self._reader
-        if port is None:
+            reader = self._reader
+        if reader is None:
             return
         self._stop.set()
         try:
-            if reader is not None and reader is not threading.current_thread():
+            if reader is not threading.current_thread():
                 reader.join(JOIN_TIMEOUT_S)
                 if reader.is_alive():
                     raise RuntimeError(f"{self._name}: reader thread did not stop")
         finally:
+            # Only the reader replaces the port, and it has ended (or is this thread).
             with self._lock:
-                self._port = None
+                port, self._port = self._port, None
                 self._reader = None
                 self._replied.notify_all()
-            port.close()
+            if port is not None:
+                port.close()
             self._log.info("closed %s", self._url)
 
     def __enter__(self) -> SpirometerDriver:
@@ -489,11 +513,8 @@ class SpirometerDriver:
                     self._port.write(line)  # under the lock, so that seq order is wire order
                 except (OSError, serial.SerialException) as exc:
                     del self._outstanding[seq]
-                    if not self._port_failed:
-                        self._port_failed = True
-                        events.append(
-                            self._event_locked(t_sent, "port_error", f"write failed: {exc}")
-                        )
+                    if not self._port_failed:  # the reader closes and reopens the port
+                        events.append(self._port_error_locked(f"write failed: {exc}"))
                     raise
                 self._next_seq = (seq + 1) % SEQ_MODULO
                 self._stats["sent"] += 1
@@ -506,8 +527,8 @@ class SpirometerDriver:
 
     def stats(self) -> dict:
         """Counters: samples, lost_samples, reordered, clock_wraps, status, malformed,
-        malformed_by_reason (dict), sent, acks, naks, acks_lost, unmatched, events (dict:
-        count per event kind)."""
+        malformed_by_reason (dict), sent, acks, naks, acks_lost, unmatched, reconnects (port
+        reopened after a failure), events (dict: count per event kind)."""
         with self._lock:
             stats = dict(self._stats)
             stats["malformed_by_reason"] = dict(self._stats["malformed_by_reason"])
@@ -518,7 +539,10 @@ class SpirometerDriver:
 
     def _reader_main(self, port: serial.SerialBase) -> None:
         try:
-            self._read_loop(port)
+            while self._read_loop(port):
+                port = self._reopen()
+                if port is None:
+                    return
         except Exception as exc:
             # A bug here or in a callback must be seen, not leave the stream silently unread.
             self._log.exception("reader thread failed")
@@ -534,17 +558,26 @@ class SpirometerDriver:
             with self._lock:
                 self._replied.notify_all()
 
-    def _read_loop(self, port: serial.SerialBase) -> None:
+    def _read_loop(self, port: serial.SerialBase) -> bool:
+        """Read until stopped (False) or the port fails (True: it has been closed)."""
         splitter = LineSplitter()
         while not self._stop.is_set():
+            failure = ""
             try:
                 data = port.read(port.in_waiting or 1)
             except (OSError, serial.SerialException) as exc:
-                with self._lock:
-                    self._port_failed = True
-                    event = self._event_locked(self._clock(), "port_error", f"read failed: {exc}")
-                self._deliver([event])
-                return
+                failure = f"read failed: {exc}"
+            events: list[SpirometerSample | DeviceEvent] = []
+            with self._lock:
+                failed = bool(failure) or self._port_failed  # (a write may have failed)
+                if failed:
+                    if not self._port_failed:
+                        events.append(self._port_error_locked(failure))
+                    self._port = None
+                    port.close()
+            if failed:
+                self._deliver(events)
+                return True
             now = self._clock()
             items: list[SpirometerSample | DeviceEvent] = []
             with self._lock:
@@ -553,6 +586,32 @@ class SpirometerDriver:
                 # Here too, so that ack_lost is reported even if nobody waits for the reply.
                 self._expire_locked(now, items)
             self._deliver(items)
+        return False
+
+    def _reopen(self) -> serial.SerialBase | None:
+        """Open the port again, with back-off; None if stopped first."""
+        backoff = RECONNECT_FIRST_S
+        while not self._stop.wait(backoff):
+            try:
+                port = self._open()
+            except (OSError, serial.SerialException) as exc:
+                self._log.debug("reopening %s failed: %s", self._url, exc)
+                backoff = min(2 * backoff, self._reconnect_max_s)
+                continue
+            with self._lock:
+                self._port = port
+                self._port_failed = False
+                self._stats["reconnects"] += 1
+                event = self._event_locked(self._clock(), "connected", self._url)
+            self._deliver([event])
+            self._log.info("reopened %s", self._url)
+            return port
+        return None
+
+    def _port_error_locked(self, detail: str) -> DeviceEvent:
+        """The port failed: one ``port_error`` until it is open again."""
+        self._port_failed = True
+        return self._event_locked(self._clock(), "port_error", detail)
 
     def _deliver(self, items: list[SpirometerSample | DeviceEvent]) -> None:
         for item in items:

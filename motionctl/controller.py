@@ -124,7 +124,11 @@ class Controller:
         self.spirometer = None
         if spirometer_url:
             self.spirometer = SpirometerDriver(
-                spirometer_url, self._queue.put, name="spirometer", clock=clock
+                spirometer_url,
+                self._queue.put,
+                name="spirometer",
+                clock=clock,
+                reconnect_max_s=cfg["devices"]["spirometer"]["reconnect_max_s"],
             )
         self.xray = self.fiducials = None
         # The console's view of imaging: replaced (never mutated) by the driver's and the

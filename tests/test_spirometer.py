@@ -387,7 +387,8 @@ def test_readings_arrive_at_the_configured_rate_and_none_is_lost(rec):
         assert abs(sample.volume_l - patient.state(sent.patient_t).lung_volume_l) < 0.02
     stats = driver.stats()
     assert stats["samples"] == len(samples) and stats["lost_samples"] == 0
-    assert stats["malformed"] == 0 and rec.events == []
+    assert stats["malformed"] == 0
+    assert [(e.kind, e.detail) for e in rec.events] == [("connected", sim.path)]
     t_device = np.array([s.t_device for s in samples])
     t_rx = np.array([s.t_rx for s in samples])
     assert np.all(np.diff(t_device) > 0)
@@ -474,7 +475,8 @@ def test_breath_holds_appear_as_valve_closed_intervals_with_a_slow_drift(rec):
     assert [s.valve_closed for s in samples] == holding
 
     events = [(e.kind, e.detail.split(" ")[0]) for e in rec.events]
-    assert events[:4] == [
+    assert events[0] == ("connected", sim.path)
+    assert events[1:5] == [
         ("valve_closed", "CLOSED,patient"),
         ("valve_opened", "OPENED,patient"),
         ("valve_closed", "CLOSED,patient"),
@@ -536,7 +538,8 @@ def test_malformed_lines_are_reported_counted_and_dropped_and_reading_goes_on(ri
         "syntax": 1,
         "too_long": 1,
     }
-    assert stats["lost_samples"] == 0 and stats["events"] == {"malformed": len(bad) + 1}
+    assert stats["lost_samples"] == 0
+    assert stats["events"] == {"connected": 1, "malformed": len(bad) + 1}
 
 
 # -- driver against a raw pty: the test plays the device ------------------------------------------
@@ -563,6 +566,8 @@ def test_unanswered_command_is_ack_lost_and_a_late_ack_unmatched(raw_pty, rec):
             event_seen.notify_all()
 
     with SpirometerDriver(path, rec, clock=clock, on_event=on_event) as driver:
+        assert [(e.kind, e.detail) for e in events] == [("connected", path)]
+        del events[0]
         seq = driver.command_valve(True)
         assert _read_line(master) == frame("VALVE,0,C")
         assert driver.wait_reply(seq, 0.0) is None
@@ -592,23 +597,27 @@ def test_unanswered_command_is_ack_lost_and_a_late_ack_unmatched(raw_pty, rec):
 
 
 def _collect_events():
+    """(events, condition, on_event, opened): the ``connected`` events of opening the port
+    go to ``opened``, every other event to ``events``."""
     events: list[DeviceEvent] = []
+    opened: list[DeviceEvent] = []
     seen = threading.Condition()
 
     def on_event(event: DeviceEvent) -> None:
         with seen:
-            events.append(event)
+            (opened if event.kind == "connected" else events).append(event)
             seen.notify_all()
 
-    return events, seen, on_event
+    return events, seen, on_event, opened
 
 
 def test_a_reordered_reading_is_late_not_a_gap_of_65534(raw_pty, rec):
     """Pairwise swapped readings (the simulator's ``reorder``): each late one is reported and
     counted as reordered, is not lost, and leaves the expected seq where it was."""
     master, path = raw_pty
-    events, seen, on_event = _collect_events()
+    events, seen, on_event, opened = _collect_events()
     with SpirometerDriver(path, rec, on_event=on_event) as driver:
+        assert [(e.kind, e.detail) for e in opened] == [("connected", path)]
         for seq, t_ms in ((4, 100), (6, 166), (5, 133), (7, 200), (9, 266), (8, 233), (10, 300)):
             os.write(master, frame(f"SPV,{seq},{t_ms},600,0,C,600"))
         assert rec.wait_for(lambda r: len(r.samples) == 7)
@@ -630,8 +639,9 @@ def test_a_reordered_reading_is_late_not_a_gap_of_65534(raw_pty, rec):
 
 def test_a_seq_far_behind_is_a_restart_not_a_reorder(raw_pty, rec):
     master, path = raw_pty
-    events, seen, on_event = _collect_events()
+    events, seen, on_event, opened = _collect_events()
     with SpirometerDriver(path, rec, on_event=on_event) as driver:
+        assert [(e.kind, e.detail) for e in opened] == [("connected", path)]
         for seq, t_ms in ((500, 20000), (0, 10), (1, 43), (2, 76)):
             os.write(master, frame(f"SPV,{seq},{t_ms},600,0,O,600"))
         assert rec.wait_for(lambda r: len(r.samples) == 4)
@@ -647,9 +657,10 @@ def test_the_device_clock_is_unwrapped(raw_pty, rec):
     """t_ms wraps 4294967295 -> 0 every 49.7 days: t_device goes on increasing through it,
     also for a reading that arrives late across the wrap."""
     master, path = raw_pty
-    events, seen, on_event = _collect_events()
+    events, seen, on_event, opened = _collect_events()
     top = 2**32
     with SpirometerDriver(path, rec, on_event=on_event) as driver:
+        assert [(e.kind, e.detail) for e in opened] == [("connected", path)]
         for seq, t_ms in ((0, top - 40), (1, top - 7), (3, 59), (2, 26), (4, 92)):
             os.write(master, frame(f"SPV,{seq},{t_ms},600,0,O,600"))
         assert rec.wait_for(lambda r: len(r.samples) == 5)
@@ -665,8 +676,9 @@ def test_the_device_clock_is_unwrapped(raw_pty, rec):
 
 def test_an_in_order_reading_with_an_earlier_clock_is_reported(raw_pty, rec):
     master, path = raw_pty
-    events, seen, on_event = _collect_events()
+    events, seen, on_event, opened = _collect_events()
     with SpirometerDriver(path, rec, on_event=on_event):
+        assert [(e.kind, e.detail) for e in opened] == [("connected", path)]
         for seq, t_ms in ((0, 5000), (1, 3033), (2, 3066)):
             os.write(master, frame(f"SPV,{seq},{t_ms},600,0,O,600"))
         assert rec.wait_for(lambda r: len(r.samples) == 3)
@@ -678,25 +690,47 @@ def test_an_in_order_reading_with_an_earlier_clock_is_reported(raw_pty, rec):
         assert [s.t_device for s in rec.samples] == [5.0, 3.033, 3.066]
 
 
-def test_device_disappearing_is_a_port_error_and_the_reader_ends(rec):
+def test_a_device_that_goes_away_is_a_port_error_and_is_reopened_when_it_is_back(tmp_path, rec):
+    # The driver opens a stable name for the port, as udev's /dev/serial/by-id/... links are;
+    # the device behind it goes away (a USB adapter pulled) and comes back on another pty.
+    link = tmp_path / "spirometer"
     sim = SpirometerSim(_steady_patient())
-    sim.start()
-    driver = SpirometerDriver(sim.path, rec, name="abc")
+    link.symlink_to(sim.start())
+    driver = SpirometerDriver(str(link), rec, name="abc", reconnect_max_s=0.2)
     driver.start()
+    again = None
     try:
         assert rec.wait_for(lambda r: r.samples)
         sim.stop()  # the pty goes away under the driver
         assert rec.wait_for(lambda r: r.kinds("port_error"))
-        reader = [t for t in threading.enumerate() if t.name == "abc-reader"]
-        for thread in reader:
-            thread.join(WAIT_S)
-        assert not any(t.is_alive() for t in reader)
         with pytest.raises(serial.SerialException):
-            driver.command_valve(False)
-        assert len(rec.kinds("port_error")) == 1  # a failed write after it adds none
+            driver.command_valve(False)  # nothing to write to while it is away
+        before = rec.sample_count()
+        again = SpirometerSim(_steady_patient())
+        new_link = tmp_path / "spirometer.new"
+        new_link.symlink_to(again.start())
+        new_link.replace(link)
+        assert rec.wait_for(lambda r: len(r.kinds("connected")) == 2), "not reopened"
+        assert rec.wait_for(lambda r: r.sample_count() > before + 10), "no readings after it"
+        seq = driver.command_valve(True)  # and commands go out again
+        reply = driver.wait_reply(seq, WAIT_S)
+        assert reply is not None and reply.accepted, reply
     finally:
         driver.stop()  # neither hangs nor raises
         sim.stop()
+        if again is not None:
+            again.stop()
+    kinds = [e.kind for e in rec.events]
+    # one port_error for the failure, whatever failed after it; connected at each opening
+    assert kinds.count("port_error") == 1 and kinds.count("connected") == 2, kinds
+    assert (
+        kinds.index("connected")
+        < kinds.index("port_error")
+        < len(kinds) - kinds[::-1].index("connected")
+    )
+    assert all(e.detail == str(link) for e in rec.kinds("connected"))
+    assert driver.stats()["reconnects"] == 1
+    assert _our_threads() == []
     with pytest.raises(serial.PortNotOpenError):
         driver.zero()
 
@@ -711,13 +745,14 @@ def test_a_raising_sink_is_a_reader_error(raw_pty):
 
     def on_event(event: DeviceEvent) -> None:
         events.append(event)
-        done.set()
+        if event.kind != "connected":
+            done.set()
 
     with SpirometerDriver(path, sink, on_event=on_event):
         os.write(master, frame("SPV,0,0,0,0,O,0"))
         assert done.wait(WAIT_S)
-        assert [e.kind for e in events] == ["reader_error"]
-        assert "bug in the consumer" in events[0].detail
+        assert [e.kind for e in events] == ["connected", "reader_error"]
+        assert "bug in the consumer" in events[1].detail
 
 
 def test_stop_leaves_no_thread_and_no_open_fd(rec):
