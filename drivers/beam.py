@@ -75,14 +75,21 @@ Recovery after a fault (this driver)
     clear only when an OFF sent after the fault is acknowledged in time with state OFF, i.e.
     when the host and the box agree again that the beam is held. While a fault is latched,
     ``command(False)`` always sends, so the gate's hold decision is what re-synchronises the
-    link; re-enabling then takes a fresh ON. ``port_error`` and ``reader_error`` clear only by
-    ``close()`` and ``open()``.
+    link; re-enabling then takes a fresh ON. ``reader_error`` clears only by ``close()`` and
+    ``open()``. A ``port_error`` (a read or write that fails: the USB adapter pulled, say)
+    closes the port, and the reader opens it again with back-off (50 ms doubling up to
+    ``reconnect_max_s``) until it opens or ``close()``; ``fault()`` says ``port_error``
+    throughout, and once the port is open again the fault stays latched like the ones above:
+    the box may have dropped messages or held by its watchdog meanwhile, so only an OFF sent
+    after the reopening and acknowledged with state OFF clears it. Messages outstanding when
+    the port failed are counted lost.
 
 Events (``on_event``, as ``DeviceEvent(name, t, kind, detail)``)
     ``malformed`` (a line from the box that does not parse, or is not an ACK/NAK; the detail
     says what was wrong and the line's length), ``nak``, ``ack_lost`` (one per message not
     acknowledged in time), ``box_hold``, ``fault_cleared``, ``unmatched_ack`` (an ACK for
-    no outstanding seq: late, or not ours), ``port_error``, ``reader_error``.
+    no outstanding seq: late, or not ours), ``port_error``, ``connected`` (detail: the URL;
+    the port opened again after a ``port_error``), ``reader_error``.
 
 Threads: one reader thread per open port parses replies, matches ACKs, and calls ``on_ack``
 and ``on_event`` (so callbacks run on the reader thread, without the driver's lock held, and
@@ -111,6 +118,8 @@ JOIN_TIMEOUT_S = 2.0
 MAX_LINE_BYTES = 80
 SEQ_MODULO = 65536
 DEFAULT_ACK_TIMEOUT_S = 0.1
+RECONNECT_FIRST_S = 0.05  # the first retry after a port failure; doubles each time ...
+DEFAULT_RECONNECT_MAX_S = 1.0  # ... up to this (config: devices.beam.reconnect_max_s)
 
 _HEX_UPPER = frozenset(b"0123456789ABCDEF")
 
@@ -291,9 +300,13 @@ class BeamInterface:
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
         on_ack: Callable[[Ack], None] | None = None,
         on_event: Callable[[DeviceEvent], None] | None = None,
+        reconnect_max_s: float = DEFAULT_RECONNECT_MAX_S,
     ) -> None:
         if ack_timeout_s <= 0:
             raise ValueError(f"ack_timeout_s must be positive, got {ack_timeout_s}")
+        if not reconnect_max_s > 0:
+            raise ValueError(f"reconnect_max_s must be positive, got {reconnect_max_s}")
+        self._reconnect_max_s = reconnect_max_s
         self._url = url
         self._name = name
         self._clock = clock
@@ -320,7 +333,8 @@ class BeamInterface:
         # latched: ack_lost, nak:<reason>, malformed:<reason>, box_hold
         self._fault: str | None = None
         self._fault_t = float("-inf")  # an OFF sent at or after this time may clear _fault
-        self._dead: str | None = None  # port_error or reader_error: needs close() + open()
+        # port_error (the reader reopens the port) or reader_error (needs close() + open())
+        self._dead: str | None = None
         self._deliveries: list[Ack | DeviceEvent] = []  # handed to callbacks by the reader
         self._stats: dict[str, float | int | None] = {
             "sent": 0,
@@ -346,17 +360,9 @@ class BeamInterface:
     def open(self) -> None:
         """Open the port and start the reader thread."""
         with self._lock:
-            if self._port is not None:
+            if self._reader is not None:
                 raise RuntimeError(f"{self._name}: already open")
-        port = serial.serial_for_url(
-            self._url,
-            baudrate=BAUDRATE,
-            bytesize=serial.EIGHTBITS,
-            parity=serial.PARITY_NONE,
-            stopbits=serial.STOPBITS_ONE,
-            timeout=READ_TIMEOUT_S,
-            write_timeout=WRITE_TIMEOUT_S,
-        )
+        port = self._open_port()
         with self._lock:
             self._reset_session_locked()
             self._port = port
@@ -367,29 +373,41 @@ class BeamInterface:
         self._reader.start()
         self._log.info("opened %s", self._url)
 
+    def _open_port(self) -> serial.SerialBase:
+        return serial.serial_for_url(
+            self._url,
+            baudrate=BAUDRATE,
+            bytesize=serial.EIGHTBITS,
+            parity=serial.PARITY_NONE,
+            stopbits=serial.STOPBITS_ONE,
+            timeout=READ_TIMEOUT_S,
+            write_timeout=WRITE_TIMEOUT_S,
+        )
+
     def close(self) -> None:
         """Send OFF if the link still works, stop the reader, close the port. Idempotent."""
         with self._lock:
-            port = self._port
-            dead = self._dead
-        if port is None:
+            port, reader, dead = self._port, self._reader, self._dead
+        if reader is None:
             return
         if dead == "port_error":
             self._log.warning("closing without OFF: the port has failed")
-        else:
+        elif port is not None:
             self._send_off_before_close(wait_for_ack=dead is None)
         self._stop.set()
-        reader = self._reader
         try:
-            if reader is not None and reader is not threading.current_thread():
+            if reader is not threading.current_thread():
                 reader.join(JOIN_TIMEOUT_S)
                 if reader.is_alive():
                     raise RuntimeError(f"{self._name}: reader thread did not stop")
         finally:
+            # Only the reader replaces the port, and it has ended (or is this thread).
             with self._lock:
-                self._port = None
+                port, self._port = self._port, None
                 self._reader = None
-            port.close()
+                self._dead = None  # closed: fault() says not_open
+            if port is not None:
+                port.close()
             self._log.info("closed %s", self._url)
 
     def _send_off_before_close(self, wait_for_ack: bool) -> None:
@@ -509,10 +527,10 @@ class BeamInterface:
             return dict(self._stats)
 
     def _fault_locked(self, now: float) -> str | None:
+        if self._dead is not None:  # (a failed port is closed while it is reopened)
+            return self._dead
         if self._port is None:
             return "not_open"
-        if self._dead is not None:
-            return self._dead
         self._expire_locked(now)
         return self._fault
 
@@ -554,7 +572,10 @@ class BeamInterface:
 
     def _reader_main(self, port: serial.SerialBase) -> None:
         try:
-            self._read_loop(port)
+            while self._read_loop(port):
+                port = self._reopen()
+                if port is None:
+                    return
         except Exception as exc:
             # A bug here (or in a callback) must hold the beam, not leave the link
             # silently unserviced: record it as a fault and let the gate see it.
@@ -563,26 +584,63 @@ class BeamInterface:
                 # Nothing is delivered any more (the callbacks may be what failed); fault()
                 # reports reader_error from now on.
                 self._deliveries.clear()
+                self._dead = None  # (a port_error being recovered is superseded)
                 self._mark_dead_locked(
                     "reader_error", f"{type(exc).__name__}: {exc}", self._clock()
                 )
         finally:
             self._acked_notify()
 
+    def _reopen(self) -> serial.SerialBase | None:
+        """Open the failed port again, with back-off; None if closed first."""
+        backoff = RECONNECT_FIRST_S
+        while not self._stop.wait(backoff):
+            try:
+                port = self._open_port()
+            except (OSError, serial.SerialException) as exc:
+                self._log.debug("reopening %s failed: %s", self._url, exc)
+                backoff = min(2 * backoff, self._reconnect_max_s)
+                continue
+            with self._lock:
+                now = self._clock()
+                self._port = port
+                self._dead = None
+                # What was in flight went down with the port: lost, and the link in doubt
+                # until the box confirms a hold sent from now on.
+                self._stats["lost"] += len(self._outstanding)
+                self._outstanding.clear()
+                self._commanded = False
+                self._latch_locked("port_error", now, f"{self._url} reopened")
+                self._deliveries.append(DeviceEvent(self._name, now, "connected", self._url))
+                self._acked.notify_all()
+            self._log.info("reopened %s", self._url)
+            self._deliver()
+            return port
+        return None
+
     def _acked_notify(self) -> None:
         with self._lock:
             self._acked.notify_all()
 
-    def _read_loop(self, port: serial.SerialBase) -> None:
+    def _read_loop(self, port: serial.SerialBase) -> bool:
+        """Read until stopped (False) or the port fails (True: it has been closed)."""
         splitter = LineSplitter()
         while not self._stop.is_set():
+            failure = ""
             try:
                 data = port.read(port.in_waiting or 1)
             except (OSError, serial.SerialException) as exc:
-                with self._lock:
-                    self._mark_dead_locked("port_error", f"read failed: {exc}", self._clock())
+                failure = f"read failed: {exc}"
+            with self._lock:
+                if failure:
+                    self._mark_dead_locked("port_error", failure, self._clock())
+                failed = self._dead == "port_error"  # (a write may have failed)
+                if failed:
+                    self._port = None
+                    port.close()
+            if failed:
                 self._deliver()
-                return
+                return True
             now = self._clock()
             with self._lock:
                 for line in splitter.feed(data) if data else ():
@@ -591,6 +649,7 @@ class BeamInterface:
                 if self._dead is None:
                     self._expire_locked(now)
             self._deliver()
+        return False
 
     def _deliver(self) -> None:
         with self._lock:

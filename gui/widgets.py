@@ -737,7 +737,8 @@ class DevicesPanel(QGroupBox):
                 link = "OK" if d.connected else f"fault: {d.note}"
                 _set_cell(table, row, 1, link, ENABLED if d.connected else FAULT_HOLD)
             elif d.connected is None:
-                # No connection state (a serial line has none): say whether data flow.
+                # No connection state (a device whose driver reports none, or a recorded
+                # session from before its driver did): say whether data flow.
                 receiving = math.isfinite(d.age_s) and d.age_s < RECEIVING_WITHIN_S
                 _set_cell(table, row, 1, *(("receiving", ENABLED) if receiving else ("--", MUTED)))
             else:

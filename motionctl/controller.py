@@ -156,7 +156,9 @@ class Controller:
             ack_timeout_s=beam_cfg["ack_timeout_s"],
             on_ack=self._queue.put,
             on_event=self._queue.put,
+            reconnect_max_s=beam_cfg["reconnect_max_s"],
         )
+        self._beam_write_error = ""  # the last write error logged, until a write succeeds
         host, port = surface_address
         self.log.device(self.surrogate_device, surface_cfg["kind"], f"{host}:{port}")
         self.log.device("beam", beam_cfg["kind"], beam_url)
@@ -362,5 +364,11 @@ class Controller:
         try:
             send(*args)
         except (OSError, serial.SerialException) as exc:
-            t = self.session_t(self._clock())
-            self.log.add("events", (t, "beam", "write_error", f"{type(exc).__name__}: {exc}"))
+            error = f"{type(exc).__name__}: {exc}"
+            # Once per outage, not at every heartbeat (100 a second) while the port is away.
+            if error != self._beam_write_error:
+                self._beam_write_error = error
+                t = self.session_t(self._clock())
+                self.log.add("events", (t, "beam", "write_error", error))
+        else:
+            self._beam_write_error = ""

@@ -459,21 +459,66 @@ def test_not_open():
     beam.close()  # nothing to close: no error
 
 
-def test_box_disappearing_is_a_port_error(rec):
+def test_box_disappearing_is_a_port_error_until_it_is_back_and_confirms_a_hold(tmp_path, rec):
+    # The driver opens a stable name for the port, as udev's /dev/serial/by-id/... links are;
+    # the box behind it goes away (a USB adapter pulled) and comes back on another pty.
+    link = tmp_path / "gating-box"
     sim = LinacGatingSim(watchdog_s=RELAXED_WATCHDOG_S)
-    sim.start()
-    beam = BeamInterface(sim.path, on_event=rec.on_event)
+    link.symlink_to(sim.start())
+    beam = BeamInterface(str(link), on_ack=rec.on_ack, on_event=rec.on_event, reconnect_max_s=0.2)
     beam.open()
+    again = None
     try:
+        rec.wait_ack(beam.command(True))
         sim.stop()  # the pty goes away under the driver
         assert rec.wait_for(lambda r: r.kinds("port_error"))
         assert beam.fault() == "port_error"
         with pytest.raises(serial.SerialException):
             beam.heartbeat()
+        again = LinacGatingSim(watchdog_s=RELAXED_WATCHDOG_S)
+        new_link = tmp_path / "gating-box.new"
+        new_link.symlink_to(again.start())
+        new_link.replace(link)
+        assert rec.wait_for(lambda r: r.kinds("connected")), "not reopened"
+        (connected,) = rec.kinds("connected")
+        assert connected.detail == str(link)
+        # Open again, but in doubt until the box confirms a hold: an acknowledged heartbeat
+        # does not clear it, an acknowledged OFF does; then a fresh ON enables the new box.
+        rec.wait_ack(beam.heartbeat())
+        assert beam.fault() == "port_error"
+        assert again.wait_for_edge(True, after=0.0, timeout=0) is None
+        off = rec.wait_ack(beam.command(False))
+        assert not off.beam_on and beam.fault() is None
+        on = rec.wait_ack(beam.command(True))
+        assert on.beam_on and beam.fault() is None
+        assert again.wait_for_edge(True, after=0.0, timeout=WAIT_S) is not None
     finally:
         beam.close()  # must neither hang nor raise
         sim.stop()
+        if again is not None:
+            again.stop()
     assert beam.fault() == "not_open"
+    kinds = [e.kind for e in rec.events]
+    assert kinds.count("port_error") == 1, kinds
+    assert kinds.index("port_error") < kinds.index("connected") < kinds.index("fault_cleared")
+
+
+def test_a_port_that_fails_while_closing_is_not_waited_for(rec):
+    sim = LinacGatingSim(watchdog_s=RELAXED_WATCHDOG_S)
+    sim.start()
+    beam = BeamInterface(sim.path, on_event=rec.on_event)
+    beam.open()
+    try:
+        sim.stop()  # the pty goes away under the driver, for good
+        assert rec.wait_for(lambda r: r.kinds("port_error"))
+        assert beam.fault() == "port_error"
+    finally:
+        t0 = time.monotonic()
+        beam.close()  # stops the reopening: neither hangs nor raises
+        sim.stop()
+    assert time.monotonic() - t0 < WAIT_S
+    assert beam.fault() == "not_open"
+    assert not rec.kinds("connected")
 
 
 def test_driver_survives_malformed_replies(rec):

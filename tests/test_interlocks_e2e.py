@@ -295,3 +295,86 @@ def test_a_spirometer_volume_outside_its_range_holds_within_50_ms(session, reque
     finally:
         db.close()
     assert len(refs) == 1 and 0.2 < refs[0] < 1.5, refs
+
+
+def test_a_gating_box_that_goes_away_holds_until_it_is_back_and_has_confirmed_a_hold(tmp_path):
+    """The gating box's USB-serial adapter is pulled and plugged in again: its pty goes away
+    and a new one appears behind the same stable name (a udev /dev/serial/by-id link). The
+    beam is held at once (beam_interface port_error, disconnected:beam); the driver reopens
+    the port by itself, and the beam comes back only after the box has acknowledged an OFF,
+    and the 0.2 s reconnection period has passed. The failed writes meanwhile (a heartbeat
+    every 10 ms) are logged once, not a hundred times a second."""
+    from types import SimpleNamespace
+
+    from motionctl.config import load_config
+    from motionctl.controller import Controller
+    from motionctl.sessionlog import SessionLogWriter
+    from motionctl.simulators.linac import LinacGatingSim
+    from motionctl.simulators.rig import Rig
+
+    cfg = load_config(None, ["devices.surface.port=0", "devices.xray.port=0", *WIDE_OPEN])
+    rig = Rig(cfg)
+    rig.start()
+    link = tmp_path / "gating-box"
+    link.symlink_to(rig.linac.path)
+    path = tmp_path / "session.sqlite"
+    writer = SessionLogWriter(path, cfg, t0=time.monotonic())
+    controller = Controller(cfg, session_log=writer, **{**rig.endpoints(), "beam_url": str(link)})
+    controller.start()
+    box = LinacGatingSim(watchdog_s=cfg["devices"]["beam"]["watchdog_s"])
+    try:
+        _beam_on(SimpleNamespace(controller=controller, rig=rig))
+        t_pull = time.monotonic()
+        rig.linac.stop()  # pulled: the old box is gone for good
+        time.sleep(0.5)  # unplugged for a while (the outage, not a synchronisation)
+        new_link = tmp_path / "gating-box.new"
+        new_link.symlink_to(box.start())
+        t_back = time.monotonic()
+        new_link.replace(link)
+        t_on = box.wait_for_edge(True, after=t_back, timeout=BEAM_ON_TIMEOUT_S)
+        assert t_on is not None, f"the beam never came back: {controller.status.decision}"
+    finally:
+        controller.stop()
+        rig.stop()
+        box.stop()
+        writer.close()
+    t0 = writer.t0
+    pull, back, on = t_pull - t0, t_back - t0, t_on - t0
+    db = sqlite3.connect(path)
+    try:
+        events = db.execute(
+            "SELECT t, kind, detail FROM events WHERE source='beam' ORDER BY t"
+        ).fetchall()
+        enabled = db.execute(
+            "SELECT MIN(t), MAX(t) FROM decisions WHERE beam_enabled=1 AND t > ? AND t < ?",
+            (pull, on),
+        ).fetchone()
+        acks = db.execute(
+            "SELECT command FROM beam_acks WHERE t_sent > ? AND command != 'HB' ORDER BY t_sent",
+            (back,),
+        ).fetchall()
+    finally:
+        db.close()
+    kinds = [k for _, k, _ in events]
+    assert kinds.count("port_error") == 1 and kinds.count("connected") == 1, events
+    (t_error,) = [t for t, k, _ in events if k == "port_error"]
+    (t_connected,) = [t for t, k, _ in events if k == "connected"]
+    (t_cleared,) = [t for t, k, _ in events if k == "fault_cleared" and t > t_connected]
+    assert pull <= t_error < back < t_connected < t_cleared, events
+    assert kinds.count("write_error") <= 3, events  # one per kind of failure, not per write
+    assert _raised(path, "beam_interface", pull, back) == ["beam_interface port_error"]
+    assert _raised(path, "disconnected:beam", pull, back)
+    # No beam-on decision from the fault until the beam came back after the confirmed hold,
+    # which the new box acknowledged as the first command it was sent.
+    first_on, _ = enabled
+    assert first_on is not None and first_on >= max(t_cleared, t_connected + 0.2), (
+        enabled,
+        t_connected,
+        t_cleared,
+    )
+    assert acks and acks[0] == ("OFF",), acks
+    # the outage and the recovery are in the log as the core saw them: replay agrees
+    from motionctl.replay import replay
+
+    result = replay(path)
+    assert result.reproduced, result.first_divergence
