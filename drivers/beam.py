@@ -235,6 +235,26 @@ class LineSplitter:
             lines.append(line)
 
 
+def reopen_with_backoff(
+    open_port: Callable[[], serial.SerialBase],
+    stop: threading.Event,
+    max_s: float,
+    log: logging.Logger,
+    what: str,
+) -> serial.SerialBase | None:
+    """Open a failed serial port again: ``open_port()`` until it succeeds, waiting 50 ms
+    after the first failure and doubling up to ``max_s``; None once ``stop`` is set. Shared
+    by the serial drivers (a USB adapter pulled and plugged back in)."""
+    backoff = RECONNECT_FIRST_S
+    while not stop.wait(backoff):
+        try:
+            return open_port()
+        except (OSError, serial.SerialException) as exc:
+            log.debug("reopening %s failed: %s", what, exc)
+            backoff = min(2 * backoff, max_s)
+    return None
+
+
 def _parse_seq(text: str) -> int:
     if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) < SEQ_MODULO):
         raise ProtocolError(f"seq {text!r} is not a decimal integer 0..{SEQ_MODULO - 1}")
@@ -593,30 +613,26 @@ class BeamInterface:
 
     def _reopen(self) -> serial.SerialBase | None:
         """Open the failed port again, with back-off; None if closed first."""
-        backoff = RECONNECT_FIRST_S
-        while not self._stop.wait(backoff):
-            try:
-                port = self._open_port()
-            except (OSError, serial.SerialException) as exc:
-                self._log.debug("reopening %s failed: %s", self._url, exc)
-                backoff = min(2 * backoff, self._reconnect_max_s)
-                continue
-            with self._lock:
-                now = self._clock()
-                self._port = port
-                self._dead = None
-                # What was in flight went down with the port: lost, and the link in doubt
-                # until the box confirms a hold sent from now on.
-                self._stats["lost"] += len(self._outstanding)
-                self._outstanding.clear()
-                self._commanded = False
-                self._latch_locked("port_error", now, f"{self._url} reopened")
-                self._deliveries.append(DeviceEvent(self._name, now, "connected", self._url))
-                self._acked.notify_all()
-            self._log.info("reopened %s", self._url)
-            self._deliver()
-            return port
-        return None
+        port = reopen_with_backoff(
+            self._open_port, self._stop, self._reconnect_max_s, self._log, self._url
+        )
+        if port is None:
+            return None
+        with self._lock:
+            now = self._clock()
+            self._port = port
+            self._dead = None
+            # What was in flight went down with the port: lost, and the link in doubt until
+            # the box confirms a hold sent from now on.
+            self._stats["lost"] += len(self._outstanding)
+            self._outstanding.clear()
+            self._commanded = False
+            self._latch_locked("port_error", now, f"{self._url} reopened")
+            self._deliveries.append(DeviceEvent(self._name, now, "connected", self._url))
+            self._acked.notify_all()
+        self._log.info("reopened %s", self._url)
+        self._deliver()
+        return port
 
     def _acked_notify(self) -> None:
         with self._lock:

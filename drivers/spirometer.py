@@ -154,7 +154,14 @@ from typing import NamedTuple
 
 import serial
 
-from motionctl.drivers.beam import LineSplitter, ProtocolError, checksum, frame, parse_line
+from motionctl.drivers.beam import (
+    LineSplitter,
+    ProtocolError,
+    checksum,
+    frame,
+    parse_line,
+    reopen_with_backoff,
+)
 from motionctl.types import DeviceEvent, SpirometerSample
 
 __all__ = [
@@ -174,8 +181,7 @@ BAUDRATE = 115200
 READ_TIMEOUT_S = 0.05  # bounds how long stop() waits for the reader to notice
 WRITE_TIMEOUT_S = 0.1  # a device that stops reading must not block the caller for good
 JOIN_TIMEOUT_S = 2.0
-RECONNECT_FIRST_S = 0.05  # the first retry after a port failure; doubles each time ...
-DEFAULT_RECONNECT_MAX_S = 1.0  # ... up to this (config: devices.spirometer.reconnect_max_s)
+DEFAULT_RECONNECT_MAX_S = 1.0  # reopening back-off ceiling (devices.spirometer.reconnect_max_s)
 DEFAULT_ACK_TIMEOUT_S = 0.25
 SEQ_MODULO = 65536
 T_MS_MAX = 2**32 - 1
@@ -590,23 +596,19 @@ class SpirometerDriver:
 
     def _reopen(self) -> serial.SerialBase | None:
         """Open the port again, with back-off; None if stopped first."""
-        backoff = RECONNECT_FIRST_S
-        while not self._stop.wait(backoff):
-            try:
-                port = self._open()
-            except (OSError, serial.SerialException) as exc:
-                self._log.debug("reopening %s failed: %s", self._url, exc)
-                backoff = min(2 * backoff, self._reconnect_max_s)
-                continue
-            with self._lock:
-                self._port = port
-                self._port_failed = False
-                self._stats["reconnects"] += 1
-                event = self._event_locked(self._clock(), "connected", self._url)
-            self._deliver([event])
-            self._log.info("reopened %s", self._url)
-            return port
-        return None
+        port = reopen_with_backoff(
+            self._open, self._stop, self._reconnect_max_s, self._log, self._url
+        )
+        if port is None:
+            return None
+        with self._lock:
+            self._port = port
+            self._port_failed = False
+            self._stats["reconnects"] += 1
+            event = self._event_locked(self._clock(), "connected", self._url)
+        self._deliver([event])
+        self._log.info("reopened %s", self._url)
+        return port
 
     def _port_error_locked(self, detail: str) -> DeviceEvent:
         """The port failed: one ``port_error`` until it is open again."""
