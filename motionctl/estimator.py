@@ -47,6 +47,12 @@ from motionctl.types import AXES, MotionEstimate, SurrogateSample
 _NAN3 = (math.nan, math.nan, math.nan)
 _RECENT_ESTIMATES = 512  # about 17 s at 30 Hz, 100 s at 5 Hz
 _RECENT_GAP_S = 0.25  # estimates further apart than this do not bracket an image's time
+# An image whose time cannot be matched to the surrogate was still taken recently: it is
+# received within this long of its exposure (the imagers' latency is 0.05-0.3 s). So it is
+# also checked against where the target was estimated over this span: a much tighter test
+# than every position the model can give (which reaches beyond the breathing seen), and
+# one that an image older than this can fail only by holding the beam without need.
+_UNTIMED_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -336,21 +342,65 @@ class MotionEstimator:
         """Check an X-ray position whose acquisition time cannot be matched to the surrogate
         (its clock is in doubt, or the surrogate history around it was lost): against every
         position the model (or the prior, over every surrogate level seen) can give at any
-        phase of the breath. Far from all of them is a disagreement whenever it was taken;
-        near one of them proves nothing, so an earlier disagreement stands."""
+        phase of the breath, and against the estimates of the last ``_UNTIMED_WINDOW_S``
+        (the path between consecutive ones). Far from all of either is a disagreement
+        whenever it was taken; near one of them proves nothing, so an earlier disagreement
+        stands."""
+        candidates: list[tuple[float, float, float]] = []
+        sigma = 0.0
         if self.correlation.valid:
             candidates = self.correlation.positions_over_range()
             sigma = self.correlation.uncertainty_mm
         elif self.s.use_prior and self.correlation.state == "collecting":
             lo, hi = self._s_lo, self._s_hi
-            if not lo <= hi:  # no surrogate seen yet
-                self.last_check_mm = math.nan
+            if lo <= hi:  # a surrogate seen
+                candidates = [self._prior(lo + (hi - lo) * i / 24) for i in range(25)]
+                sigma = self.s.prior_uncertainty_mm
+        self.last_check_mm = math.nan
+        if candidates:
+            self.last_check_mm = min(math.dist(c, position_mm) for c in candidates)
+            if self.last_check_mm > max(self.s.fiducial_tolerance_mm, 2.0 * sigma):
+                self._fiducial_reason = "fiducial_disagreement"
                 return
-            candidates = [self._prior(lo + (hi - lo) * i / 24) for i in range(25)]
-            sigma = self.s.prior_uncertainty_mm
-        else:
-            self.last_check_mm = math.nan
-            return
-        self.last_check_mm = min(math.dist(c, position_mm) for c in candidates)
-        if self.last_check_mm > max(self.s.fiducial_tolerance_mm, 2.0 * sigma):
-            self._fiducial_reason = "fiducial_disagreement"
+        miss, excess = self._recent_miss(position_mm)
+        if math.isfinite(miss):
+            self.last_check_mm = miss
+            if excess > 0.0:
+                self._fiducial_reason = "fiducial_disagreement"
+
+    def _recent_miss(self, position_mm: tuple[float, float, float]) -> tuple[float, float]:
+        """(distance, distance beyond its tolerance) from ``position_mm`` to the nearest
+        point of the path of valid estimates over the last ``_UNTIMED_WINDOW_S``; (nan, nan)
+        if there are none. The tolerance is the fiducial tolerance or 2 sigma, as for a
+        timed image."""
+        recent = self._recent
+        if not recent:
+            return math.nan, math.nan
+        t_from = recent[-1][0] - _UNTIMED_WINDOW_S
+        tol = self.s.fiducial_tolerance_mm
+        best = excess = math.inf
+        later = None
+        for entry in reversed(recent):
+            t, p, sigma = entry
+            if t < t_from:
+                break
+            limit = max(tol, 2.0 * sigma)
+            if later is not None and later[0] - t <= _RECENT_GAP_S:
+                d = _segment_distance(position_mm, p, later[1])
+                limit = max(limit, 2.0 * later[2])
+            else:
+                d = math.dist(position_mm, p)
+            best = min(best, d)
+            excess = min(excess, d - limit)
+            later = entry
+        return best, excess
+
+
+def _segment_distance(p: Sequence[float], a: Sequence[float], b: Sequence[float]) -> float:
+    """Distance from the point ``p`` to the segment from ``a`` to ``b`` (3-D)."""
+    ab = [v - u for u, v in zip(a, b, strict=True)]
+    ap = [v - u for u, v in zip(a, p, strict=True)]
+    length2 = sum(c * c for c in ab)
+    u = 0.0 if length2 == 0.0 else sum(x * y for x, y in zip(ap, ab, strict=True)) / length2
+    u = min(1.0, max(0.0, u))
+    return math.dist(p, [x + u * c for x, c in zip(a, ab, strict=True)])

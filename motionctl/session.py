@@ -70,6 +70,13 @@ OPERATOR_COMMANDS = (
 )
 
 
+# What an X-ray position whose time cannot be trusted was used for (the model_point event).
+UNTIMED_REASON = (
+    "time not trusted: checked against the model's range and the recent estimates, "
+    "not a model point"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class OperatorCommand:
     """enable, disable, hold, release, window (value = (centre, width) mm), acknowledge
@@ -231,9 +238,7 @@ class SessionCore:
             "accepted": False if result is None else result.accepted,
             "model_valid": estimator.correlation.valid,
             "model": estimator.correlation.kind,
-            "reason": "time not trusted: checked against the model's range, not a model point"
-            if result is None
-            else result.reason,
+            "reason": UNTIMED_REASON if result is None else result.reason,
         }
         self._record("events", (t, "correlation", "model_point", json.dumps(detail)))
         if estimator.correlation.state == "rebuilding":
