@@ -29,20 +29,20 @@ never calls the gate, the interlock monitor or their predicates. At every decide
 between decides: the beam stays as last commanded) it checks
 
     beam enabled => operator enabled and not holding (hold not released), no session-log
-    failure, no beam-interface fault, every required device has sent data within its
-    stale timeout, no device disconnected (and 0.2 s since it reconnected), no malformed
-    frame in the last 0.2 s, no device timestamp going back (0.2 s of ordered ones since),
-    no device clock stepped > 0.25 s against ours (0.2 s after it agrees again), no
-    non-finite or out-of-range (> 500 mm, a jump: > 5 mm and > 100 mm/s, target > 60 mm)
-    surrogate value in the last 0.2 s, no predictor divergence in the last 1 s, the latest
-    estimate valid, the input inside the window for the mode (amplitude: predicted or
-    surrogate value in the operator's current window; phase: in [start, end) wrapping;
-    breath-hold: a captured reference, level within tolerance, stable for min_stable_s), debounce
-    consecutive samples with all of this holding, no X-ray disagreement (> max(3 mm,
-    2 sigma)) not yet followed by a non-disagreeing image and an acknowledgement, no dwell
-    (> dwell_mm off for > dwell_s) not yet acknowledged after it ended; and an invalid
-    window (non-finite, <= 0, > max_window_mm, |centre| > 50 mm, not two numbers) is
-    never accepted.
+    failure, no beam-interface fault, every required device has sent data within its stale
+    timeout, no device disconnected (and 0.2 s since it reconnected), no malformed frame in
+    the last 0.2 s, no device timestamp going back (0.2 s of ordered ones since), no device
+    clock stepped > 0.25 s against ours (0.2 s after it agrees again), no non-finite or
+    out-of-range (> 500 mm; a jump: > 5 mm from the recent median and > 100 mm/s from the
+    previous sample; target > 60 mm) surrogate value in the last 0.2 s, no predictor
+    divergence in the last 1 s, the latest estimate valid, the input inside the window for
+    the mode (amplitude: predicted or surrogate value in the operator's current window;
+    phase: in [start, end) wrapping; breath-hold: a captured reference, level within
+    tolerance, stable for min_stable_s), debounce consecutive samples with all of this
+    holding, no X-ray disagreement (> max(3 mm, 2 sigma)) not yet followed by a
+    non-disagreeing image and an acknowledgement, no dwell (> dwell_mm off for > dwell_s)
+    not yet acknowledged after it ended; and an invalid window (non-finite, <= 0, >
+    max_window_mm, |centre| > 50 mm, not two numbers) is never accepted.
 
 Also violations: beam on within 0.2 s of a non-finite or repeated device timestamp (a
 re-sent frame); breath-hold stability not restarted by an unknown (NaN) level. A NaN on an
@@ -73,7 +73,7 @@ import math
 import random
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from motionctl.config import load_config
@@ -224,6 +224,8 @@ class Oracle:
         self.prev_raw: float | None = None
         self.prev_raw_t = -math.inf
         self.n_clean = 0  # consecutive usable samples (the despike window's fill)
+        # the raw values of the last 0.23 s (at least 3): "the recent median" of the spec
+        self.raw_window: deque[float] = deque(maxlen=max(3, round(0.23 * conf.rate_hz)))
         self.est = None
         self.ests: list = []  # recent estimates (t, valid, position, uncertainty)
         self.pending: list[tuple[float, tuple]] = []  # images not yet covered
@@ -280,15 +282,20 @@ class Oracle:
         else:
             if t_rx - self.prev_raw_t > 0.5:
                 self.n_clean = 0
+                self.raw_window.clear()
+            self.raw_window.append(raw)
+            median = sorted(self.raw_window)[len(self.raw_window) // 2]
             step = abs(raw - self.prev_raw) if self.prev_raw is not None else 0.0
             if (
                 self.n_clean >= 3
                 and step > 8
                 and step > JUMP_SPEED_MM_S * (t_rx - self.prev_raw_t) + 2
+                and abs(raw - median) > 5 + 2
             ):
                 # a jump no breath makes (the generator's jumps are >= 8 mm), clearly faster
                 # than breathing since the previous sample (a step after a short gap, or at a
-                # low rate, may be breathing)
+                # low rate, may be breathing) and away from the recent median (a step back to
+                # it is the end of a spike, not a jump)
                 self._off_until("out_of_range", t_rx)
             self.prev_raw, self.prev_raw_t = raw, t_rx
             self.n_clean += 1

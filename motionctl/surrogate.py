@@ -156,12 +156,14 @@ class SurrogateProcessor:
         mad = sorted([abs(v - median) for v in ordered])[len(ordered) // 2]
         limit = max(self.p.spike_threshold * 1.4826 * mad, self.p.spike_floor_mm)
         deviation = abs(value - median)
-        if deviation > limit:
+        # A jump is a step no breath makes since the previous sample: in seconds, not
+        # samples (at 5 Hz a 55 mm lung surrogate's ordinary inhale moves 12 mm). It is not
+        # asked to be a spike as well: erratic samples just before it widen the spike limit
+        # (their spread is the MAD) until no jump would be one.
+        jump = deviation > self.p.jump_mm and abs(value - window[-2]) > self.p.jump_speed_mm_s * dt
+        if deviation > limit or jump:
             reasons.append("spike_replaced")
-            # A jump is a step no breath makes since the previous sample: in seconds, not
-            # samples (at 5 Hz a 55 mm lung surrogate's ordinary inhale moves 12 mm).
-            step = abs(value - window[-2])
-            if deviation > self.p.jump_mm and step > self.p.jump_speed_mm_s * dt:
+            if jump:
                 reasons.append("surrogate_jump")
             return median
         return value

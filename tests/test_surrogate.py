@@ -105,6 +105,21 @@ def test_a_jump_is_a_step_faster_than_breathing_whatever_the_rate():
         assert jumps(rate, step_at=20.5)[:1] == [pytest.approx(20.5, abs=1 / rate)]
 
 
+def test_a_jump_after_erratic_samples_is_still_a_jump():
+    # bench_scenarios --seed 53: after a marker jump of -9.5 mm and back, a sample 18 mm
+    # below the previous one (550 mm/s) and then one 17 mm above it again (130 mm/s) were
+    # neither spikes nor jumps: the erratic samples in the Hampel window made its spike limit
+    # 50 mm, and a jump had to be a spike too. The beam came on 67 ms after the second.
+    proc = SurrogateProcessor(SurrogateParams(spike_window=spike_window_samples(30.0)))
+    values = [3.9, 3.83, -5.63, -5.86, -5.83, 3.17, -15.19]
+    states = [proc.step(k / 30, v) for k, v in enumerate(values)]
+    back = proc.step(len(values) / 30 + 0.1, 2.27)  # after 0.133 s
+    assert "surrogate_jump" in states[2].reasons  # caught before, with a clean window
+    assert "surrogate_jump" in states[-1].reasons
+    assert "surrogate_jump" in back.reasons
+    assert not states[-1].value_mm < -10  # replaced by the median, as a spike is
+
+
 def test_noise_is_smoothed():
     rng = np.random.default_rng(1)
     t = np.arange(0, 30, 1 / 30)
