@@ -241,7 +241,6 @@ class RemoteSource:
 
 def _console_process(conn, cfg: dict[str, Any], options: dict[str, Any]) -> None:
     """The child process: the console window over a ``RemoteSource``."""
-    import pyqtgraph
     from PyQt6.QtCore import QTimer
 
     from motionctl.gui.console import ConsoleWindow, application, run_window
@@ -267,9 +266,11 @@ def _console_process(conn, cfg: dict[str, Any], options: dict[str, Any]) -> None
     sys.stderr.flush()
     # Its work is done (screenshot saved, figures sent). Leave without letting the
     # interpreter destroy the Qt and pyqtgraph objects in its own order: that crashed the
-    # process now and then (exit code -11 after a complete run, seen under load).
-    # pyqtgraph.exit() runs the atexit callbacks, closes the files and calls os._exit(0).
-    pyqtgraph.exit()
+    # process now and then (exit code -11 after a complete run, seen under load). Not
+    # through pyqtgraph.exit() either: it runs the atexit callbacks, and importing PyQt6
+    # registers two of its own (a crash of the same kind was seen with it, 2 runs in ~25).
+    logging.shutdown()
+    os._exit(0)
 
 
 def run_isolated(

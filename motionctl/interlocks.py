@@ -18,6 +18,7 @@ response, clearing rule and the test that covers it. Pure and clock-injected.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -96,6 +97,7 @@ SPECS: dict[str, InterlockSpec] = {
 class _State:
     condition: bool = False
     since: float = 0.0  # when the condition last changed
+    present_t: float = -math.inf  # the latest time it was reported present
     latched: bool = False  # active (holding the beam)
     detail: str = ""
 
@@ -135,6 +137,7 @@ class InterlockMonitor:
             state = self._states[key] = _State()
         events: list[InterlockEvent] = []
         if active:
+            state.present_t = max(state.present_t, t)
             if not state.condition:
                 state.condition, state.since = True, t
                 self._awaiting = None
@@ -147,7 +150,9 @@ class InterlockMonitor:
                 events.append(InterlockEvent(t, key, "raised", state.detail))
             return events
         if state.condition:
-            state.condition, state.since = False, t
+            # The clean period never starts before the condition was last seen: inputs from
+            # different devices can arrive a little out of time order.
+            state.condition, state.since = False, max(t, state.present_t)
             self._awaiting = None
             if spec.clears == "ack" and state.latched:
                 events.append(InterlockEvent(t, key, "awaiting_ack", state.detail))

@@ -119,6 +119,20 @@ def test_auto_interlock_clears_after_its_clean_period():
     assert [e.kind for e in mon.tick(1.25)] == ["cleared"] and not mon.active()
 
 
+def test_a_clean_period_never_starts_before_the_condition_was_last_seen():
+    # bench_scenarios --seed 101: a surrogate sample stamped before the one that raised
+    # out_of_range (inputs of two devices reach the core a little out of time order)
+    # reported the condition gone at that earlier time, and the 0.2 s clean period ended
+    # 13 ms early.
+    mon = InterlockMonitor()
+    mon.report(1.0, "out_of_range", "surface", True, "surrogate_jump")
+    mon.report(1.05, "out_of_range", "surface", True, "surrogate_jump")  # still there
+    assert mon.report(0.99, "out_of_range", "surface", False) == []
+    assert mon.tick(1.24) == [] and mon.active() == ("out_of_range:surface",)  # 0.2 s from 1.05
+    (cleared,) = mon.tick(1.26)
+    assert cleared.kind == "cleared" and mon.active() == ()
+
+
 def test_ack_interlock_waits_for_the_condition_to_go_and_an_acknowledgement():
     mon = InterlockMonitor()
     mon.report(0, "fiducial_disagreement", None, True, "4.2 mm")
