@@ -503,7 +503,7 @@ def test_box_disappearing_is_a_port_error_until_it_is_back_and_confirms_a_hold(t
     assert kinds.index("port_error") < kinds.index("connected") < kinds.index("fault_cleared")
 
 
-def test_a_port_that_fails_while_closing_is_not_waited_for(rec):
+def test_close_stops_reopening_a_port_that_is_gone(rec):
     sim = LinacGatingSim(watchdog_s=RELAXED_WATCHDOG_S)
     sim.start()
     beam = BeamInterface(sim.path, on_event=rec.on_event)
