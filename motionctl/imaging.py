@@ -8,6 +8,12 @@ of a stereo frame by frame id, localises with the pure functions of ``motionctl.
 ``FiducialMeasurement`` per frame into the controller's queue. The session core then
 checks it against the estimate and adds it to the correlation model; the session log
 records the measurement, so replay needs no images.
+
+A stereo frame whose seeds are not found where the tracker expects them is searched again
+over the whole frame (re-acquisition, a ``reacquired`` event): seeds missing from their
+search regions are what a baseline shift the surrogate does not show looks like, and that
+is for the session core's fiducial check to judge and hold on, not for the localiser to
+discard as "not found" while the beam runs on until the imager is stale.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Callable
 
 from motionctl.fiducials import (
     LocaliserSettings,
+    LockReason,
     SeedPlan,
     TargetPrior,
     localise_mono,
@@ -31,6 +38,21 @@ from motionctl.types import DeviceEvent, FiducialMeasurement, MotionEstimate, Xr
 log = logging.getLogger("motionctl.imaging")
 
 _STOP = object()
+
+# Rejections that the target being away from its search regions can cause (a lock found
+# but rotated, or with a poor fit, is judged where it was found and not searched again).
+_REACQUIRE = frozenset(
+    {
+        LockReason.NO_CANDIDATES,
+        LockReason.SCORE_TOO_LOW,
+        LockReason.TOO_FEW_SEEDS,
+        LockReason.RAY_DISTANCE,
+        LockReason.INTER_SEED_DISTANCE,
+        LockReason.OUTSIDE_SEARCH_REGION,
+        LockReason.OUTSIDE_FIELD_OF_VIEW,
+        LockReason.SEED_SHAPE,
+    }
+)
 
 
 def frame_prior(
@@ -139,13 +161,32 @@ class FiducialWorker:
         t_acq = first.t_device - (self._wall_clock() - self._clock())
         prior = frame_prior(self._prior, self._latest_estimate(), self._stereo, self._settings)
         if len(views) == 2:
-            loc = localise_stereo(
-                [(v.image, v.geometry) for v in views],
-                self._plan,
-                prior,
-                t=t_acq,
-                settings=self._settings,
-            )
+            pair = [(v.image, v.geometry) for v in views]
+            loc = localise_stereo(pair, self._plan, prior, t=t_acq, settings=self._settings)
+            # The full-frame search costs ~100 ms: never for a frame a newer one waits behind.
+            if (
+                not loc.accepted
+                and loc.reason in _REACQUIRE
+                and prior.search_centre() is not None
+                and self._queue.empty()
+            ):
+                again = localise_stereo(
+                    pair, self._plan, TargetPrior(), t=t_acq, settings=self._settings
+                )
+                if again.accepted:
+                    centre = prior.search_centre()[0]
+                    off = math.dist(again.position_mm, centre)
+                    self._deliver(
+                        DeviceEvent(
+                            first.device,
+                            self._clock(),
+                            "reacquired",
+                            f"frame {first.frame_id}: full-frame search after "
+                            f"{loc.reason} ({loc.detail}); target {off:.1f} mm from "
+                            "the search centre",
+                        )
+                    )
+                    loc = again
         else:
             loc = localise_mono(
                 first.image, first.geometry, self._plan, prior, t=t_acq, settings=self._settings

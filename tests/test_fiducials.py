@@ -438,6 +438,52 @@ def test_mono_on_a_rendered_view(stereo):
     assert loc.uncertainty_mm > 0.3
 
 
+def _worker_measurements(stereo, target, estimated, sigma=1.0):
+    """What the imaging worker delivers for one rendered stereo frame of the target at
+    ``target`` while the tracker's (valid) estimate is ``estimated``."""
+    from motionctl.imaging import FiducialWorker
+    from motionctl.types import XrayFrame
+
+    ga, gb, seeds, plan = stereo
+    views, _ = _render((ga, gb), xray.seed_poses(seeds, target), seed=11)
+    estimate = MotionEstimate(
+        4.0, tuple(estimated), tuple(estimated), 0.4, True, (), uncertainty_mm=sigma
+    )
+    out: list = []
+    worker = FiducialWorker(
+        plan,
+        stereo=True,
+        deliver=out.append,
+        latest_estimate=lambda: estimate,
+        clock=lambda: 4.1,
+        wall_clock=lambda: 4.1,
+    )
+    for img, g in views:  # the worker's own loop, without its thread
+        worker._frame(XrayFrame("xray", 7, 4.0, 4.1, img, g))
+    return out
+
+
+def test_seeds_away_from_the_tracked_position_are_found_and_reported_not_discarded(stereo):
+    # A baseline shift the surrogate does not show: the seeds 10 mm superior of where the
+    # tracker puts the target, beyond the search regions. The frame must reach the session
+    # core with the position the images show (whose fiducial check holds the beam), not be
+    # rejected as "too few seeds" while the beam runs on until the imager goes stale.
+    truth = np.array([1.0, 2.0, -1.0])
+    shifted = _worker_measurements(stereo, truth, truth - [0.0, 10.0, 0.0])
+    event, measurement = shifted
+    assert event.kind == "reacquired" and "full-frame search" in event.detail
+    assert measurement.accepted and measurement.frame_id == 7
+    assert np.linalg.norm(np.asarray(measurement.position_mm) - truth) < 0.3
+    # where the tracker expects them they are found in the search regions, no second search
+    (found,) = _worker_measurements(stereo, truth, truth + [0.3, -0.5, 0.2])
+    assert found.accepted
+    assert np.linalg.norm(np.asarray(found.position_mm) - truth) < 0.3
+    # a frame with no seeds at all is still rejected, with the first search's reason
+    ga, gb, _, plan = stereo
+    (empty,) = _worker_measurements((ga, gb, [], plan), truth, truth)
+    assert not empty.accepted and empty.reason
+
+
 # -- KIM logs -----------------------------------------------------------------------------------
 
 KIM_VARIAN = ("kim-qa-trajectories", "Test Files", "Varian")
