@@ -31,7 +31,8 @@ between decides: the beam stays as last commanded) it checks
     beam enabled => operator enabled and not holding (hold not released), no session-log
     failure, no beam-interface fault, every required device has sent data within its stale
     timeout, no device disconnected (and 0.2 s since it reconnected), no malformed frame in
-    the last 0.2 s, no device timestamp going back (0.2 s of ordered ones since), no device
+    the last 0.2 s (counted from the device's first well-formed input after it, for a device
+    that has sent any), no device timestamp going back (0.2 s of ordered ones since), no device
     clock stepped > 0.25 s against ours (0.2 s after it agrees again), no non-finite or
     out-of-range (> 500 mm; a jump: > 5 mm from the recent median and > 100 mm/s from the
     previous sample; target > 60 mm) surrogate value in the last 0.2 s, no predictor
@@ -220,6 +221,8 @@ class Oracle:
         self.last_rx: dict[str, float] = {}
         self.disconnected: set[str] = set()
         self.until: dict[str, float] = {}  # condition -> beam off before this time
+        self.inputs_seen: set[str] = set()  # devices that delivered a well-formed input
+        self.malformed_open: set[str] = set()  # malformed, no well-formed input since
         self.last_tdev: dict[str, float] = {}
         self.backwards_now: dict[str, bool] = {}
         self.offset0: dict[str, float] = {}
@@ -252,7 +255,14 @@ class Oracle:
     def _off_until(self, name: str, t: float, clear_s: float = AUTO_CLEAR_S) -> None:
         self.until[name] = max(self.until.get(name, -math.inf), t + clear_s)
 
+    def _well_formed(self, device: str, t_rx: float) -> None:
+        self.inputs_seen.add(device)
+        if device in self.malformed_open:
+            self.malformed_open.discard(device)
+            self._off_until(f"malformed:{device}", t_rx)
+
     def device_sample(self, device: str, t_rx: float, t_dev: float) -> None:
+        self._well_formed(device, t_rx)
         self.last_rx[device] = t_rx
         if not math.isfinite(t_dev):
             # Not a time (docs/interlocks.md, clock_skew): holds, and is no reference for
@@ -360,6 +370,7 @@ class Oracle:
                 self.dwell_ended = True
 
     def fiducial(self, t_rx: float, t_acq: float, position: tuple, accepted: bool) -> None:
+        self._well_formed("xray", t_rx)
         stamp = self._xray_stamp(t_rx, t_acq)  # every image's time is checked
         if not accepted:
             return
@@ -460,7 +471,10 @@ class Oracle:
 
     def device_event(self, t: float, device: str, kind: str) -> None:
         if kind == "malformed":
-            self._off_until(f"malformed:{device}", t)
+            if device in self.inputs_seen:  # until its next well-formed input, then 0.2 s
+                self.malformed_open.add(device)
+            else:
+                self._off_until(f"malformed:{device}", t)
         elif kind in ("disconnected", "port_error"):
             self.disconnected.add(device)
         elif kind == "connected":
@@ -523,6 +537,7 @@ class Oracle:
         fail.extend(f"clock_backwards:{d}" for d, b in self.backwards_now.items() if b)
         fail.extend(f"clock_skew:{d}" for d, s in self.skewed_now.items() if s)
         fail.extend(name for name, until in self.until.items() if t < until - EPS)
+        fail.extend(f"malformed:{device}" for device in self.malformed_open)
         if self.xray_open:
             fail.append("xray_disagreement_unacknowledged")
         if self.dwell_open:

@@ -5,4 +5,4 @@ time as an argument and touch no I/O, threads or Qt, so the live console, the si
 and log replay run identical code.
 """
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"

@@ -135,6 +135,7 @@ class SessionCore:
         self._estimate: MotionEstimate | None = None
         self._volume_l = math.nan
         self._last_t_device: dict[str, float] = {}
+        self._inputs_seen: set[str] = set()  # devices that have delivered an input
         self._clock_offset: dict[str, float] = {}  # device clock - session clock, per device
         self._last_decision: GateDecision | None = None
         # X-ray positions wait here until the surrogate history covers their acquisition
@@ -270,9 +271,13 @@ class SessionCore:
         t = event.t
         if event.kind == "malformed":
             self.status.malformed[event.device] = self.status.malformed.get(event.device, 0) + 1
-            # A momentary condition: raised now, cleared after the interlock's clean period.
+            # Present until the device's next well-formed input (``_check_device_clock``),
+            # then the clean period: an imager at 1 Hz must show a good image before the
+            # beam returns, not merely 0.2 s without another bad one. A device whose inputs
+            # the core never sees (the gating box) has no next input: momentary.
             self._interlock(t, "malformed_data", event.device, True, event.detail)
-            self._interlock(t, "malformed_data", event.device, False)
+            if event.device not in self._inputs_seen:
+                self._interlock(t, "malformed_data", event.device, False)
         elif event.kind in ("connected", "disconnected", "port_error"):
             up = event.kind == "connected"
             self.status.connected[event.device] = up
@@ -405,6 +410,9 @@ class SessionCore:
         # A device clock that goes back, or jumps away from ours, means its timestamps (and
         # maybe its data) cannot be trusted. Returns whether this timestamp can be.
         live = self.interlocks.live
+        self._inputs_seen.add(device)
+        if live and f"malformed_data:{device}" in live:  # well-formed: the clean period starts
+            self._interlock(t, "malformed_data", device, False)
         if not math.isfinite(t_device):
             # No time at all: distrusted, and kept out of the clock references (a NaN offset
             # would switch the skew check off for good).

@@ -584,3 +584,43 @@ def test_phase_gating_holds_through_a_breath_held_at_inhale():
             on_during_hold.append(decision.beam_enabled)
     assert not any(on_during_hold)
     assert core.status.estimate is not None and math.isfinite(core.status.estimate.phase)
+
+
+def test_malformed_data_holds_until_the_device_sends_a_good_input_then_its_clean_period():
+    # A malformed X-ray image (1 Hz) used to hold for 0.2 s and then let the beam on again
+    # with no good image since: `sim --fault xray:nan@20+2` turned the beam on twice during
+    # the fault. Now the hold lasts until the device's next well-formed input + 0.2 s.
+    from motionctl.types import DeviceEvent
+
+    core = _core(debounce_samples=1)
+    decision = _breathe(core, 0.0, 1.0)[-1][1]
+    assert decision.beam_enabled, decision
+    _image(core, 1, 0.95, 1.0, si=core.status.estimate.position_mm[1])
+    core.on_device_event(DeviceEvent("xray", 1.5, "malformed", "non-finite panel origin"))
+    held = [d for _, d in _breathe(core, 1.5, 1.0, i0=30)]
+    assert not any(d.beam_enabled for d in held)
+    assert all("malformed_data:xray" in d.reasons for d in held)
+    # a good image at 2.6 s: the clean period runs from it
+    _image(core, 2, 2.55, 2.6, si=core.status.estimate.position_mm[1])
+    after = _breathe(core, 2.6 + 1 / 30, 0.5, i0=60)
+    on = next(t for t, d in after if d.beam_enabled)
+    assert 2.8 <= on < 2.8 + 2 / 30
+    # the gating box's garbled lines reach the core as events only: momentary there
+    core.on_device_event(DeviceEvent("beam", 3.2, "malformed", "unreadable line"))
+    later = _breathe(core, 3.2, 0.5, i0=80)
+    on = next(t for t, d in later if d.beam_enabled)
+    assert 3.4 <= on < 3.4 + 2 / 30
+
+
+def test_a_wild_sample_out_of_time_holds_for_the_jump_clean_period():
+    # bench_scenarios --seed 191 through the session: the wild sample raises out_of_range,
+    # which holds for 0.2 s after it although the next samples are good.
+    core = _core(debounce_samples=1)
+    decisions = _breathe(core, 0.0, 1.0)
+    assert decisions[-1][1].beam_enabled
+    t_prev = decisions[-1][0]
+    wild = _sample(core, 30, t_prev - 0.01, t_device=t_prev + DEVICE_OFFSET_S + 0.02, ap=19.0)
+    assert "out_of_range:surface" in wild.reasons, wild
+    after = _breathe(core, t_prev + 1 / 30, 0.5, i0=31)
+    on = next(t for t, d in after if d.beam_enabled)
+    assert on >= t_prev - 0.01 + 0.2

@@ -120,6 +120,20 @@ def test_a_jump_after_erratic_samples_is_still_a_jump():
     assert not states[-1].value_mm < -10  # replaced by the median, as a spike is
 
 
+def test_a_sample_out_of_time_is_still_judged_for_a_jump():
+    # bench_scenarios --seed 191: a sample received "before" the previous one (its time
+    # cannot be used) 19 mm off the breathing was dropped for its time alone; the next good
+    # sample let the beam on at once, where a jump holds for its clean period.
+    proc = SurrogateProcessor(SurrogateParams(spike_window=spike_window_samples(15.0)))
+    for k in range(8):
+        proc.step(k / 15, 0.1 * k)
+    wild = proc.step(0.4, 19.1)  # out of time and far from the recent median
+    near = proc.step(0.4, 0.9)  # out of time, as close as breathing
+    assert not wild.valid and {"clock_backwards", "surrogate_jump"} <= set(wild.reasons)
+    assert not near.valid and near.reasons == ("clock_backwards",)
+    assert proc.step(8 / 15, 0.8).valid  # and neither is kept: the next one is no jump
+
+
 def test_noise_is_smoothed():
     rng = np.random.default_rng(1)
     t = np.arange(0, 30, 1 / 30)
