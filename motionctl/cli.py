@@ -409,6 +409,7 @@ def _session(args: argparse.Namespace) -> int:
         from motionctl.simulators.faults import FaultSchedule
         from motionctl.simulators.rig import Rig
 
+        _coached_breath_holds(cfg)
         rig = Rig(cfg)
         schedule = FaultSchedule(args.fault, rig.fault_targets())  # refuses bad faults first
         rig.start()
@@ -514,6 +515,29 @@ def _want_console(args: argparse.Namespace) -> bool:
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
         return True
     return False
+
+
+COACHED_HOLDS_PER_MIN = 2.0  # sim, breath-hold gating: a coached patient's holds
+
+
+def _coached_breath_holds(cfg: dict[str, Any]) -> None:
+    """sim in breath-hold mode with a model patient that never holds its breath: give it
+    the holds a coached patient makes (``COACHED_HOLDS_PER_MIN`` of ``breath_hold_s``), and
+    say so. Without them the session holds for ``no_breath_hold_reference`` throughout. The
+    session log records the config as run."""
+    patient = cfg["patient"]
+    if (
+        cfg["gating"]["mode"] == "breath_hold"
+        and patient["model"] == "lujan"
+        and patient["breath_hold_per_min"] == 0
+    ):
+        patient["breath_hold_per_min"] = COACHED_HOLDS_PER_MIN
+        print(
+            f"motionctl: breath-hold gating: the simulated patient holds its breath "
+            f"{COACHED_HOLDS_PER_MIN:g} times a minute for {patient['breath_hold_s']:g} s "
+            "(patient.breath_hold_per_min was 0)",
+            file=sys.stderr,
+        )
 
 
 class _BreathHoldCoach:

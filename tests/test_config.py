@@ -68,3 +68,25 @@ def test_unreadable_or_invalid_site_file(tmp_path):
     bad.write_text("[gating\n")
     with pytest.raises(ConfigError, match="valid TOML"):
         load_config(bad)
+
+
+def test_sim_in_breath_hold_mode_gives_a_patient_that_never_holds_coached_holds(capsys):
+    # `motionctl sim --set gating.mode=breath_hold` with the default patient (no breath
+    # holds) held for no_breath_hold_reference for the whole session: nothing to capture.
+    from motionctl.cli import COACHED_HOLDS_PER_MIN, _coached_breath_holds
+
+    cfg = load_config(None, ["gating.mode=breath_hold"])
+    _coached_breath_holds(cfg)
+    assert cfg["patient"]["breath_hold_per_min"] == COACHED_HOLDS_PER_MIN > 0
+    assert "patient.breath_hold_per_min was 0" in capsys.readouterr().err
+    # holds the user asked for, another mode, or a recorded trace: left alone
+    for overrides in (
+        ["gating.mode=breath_hold", "patient.breath_hold_per_min=0.5"],
+        ["gating.mode=amplitude"],
+        ["gating.mode=breath_hold", 'patient.model="trace"'],
+    ):
+        cfg = load_config(None, overrides)
+        before = cfg["patient"]["breath_hold_per_min"]
+        _coached_breath_holds(cfg)
+        assert cfg["patient"]["breath_hold_per_min"] == before
+    assert capsys.readouterr().err == ""
