@@ -681,20 +681,40 @@ def _status_line(controller, elapsed: float) -> str:
     age = st.last_rx.get(device)
     now = controller.session_t(time.monotonic())  # the status holds session times
     age_text = "--" if age is None else f"{(now - age) * 1e3:4.0f} ms"
-    est = st.estimate
-    axis = controller.cfg["gating"]["axis"]
-    target = "--"
-    if est is not None and est.valid:
-        from motionctl.types import AXES
-
-        target = f"{est.predicted_mm[AXES.index(axis)]:+6.2f} mm"
-    gate = controller.gate
     return (
-        f"t={elapsed:6.1f} s  {beam}{why}  {axis}={target} "
-        f"window=[{gate.lower_mm:+.1f}, {gate.upper_mm:+.1f}]  "
+        f"t={elapsed:6.1f} s  {beam}{why}  {_gated_quantity(controller)}  "
         f"{device}: {st.samples.get(device, 0)} samples, age {age_text}, "
         f"malformed {st.malformed.get(device, 0)}"
     )
+
+
+def _gated_quantity(controller) -> str:
+    """What the gate compares, against what, in the session's gating mode: the target and
+    the amplitude window, the breathing phase and the phase window, or the breath-hold
+    level and its reference with the tolerance."""
+    from motionctl.types import AXES
+
+    est = controller.status.estimate
+    valid = est is not None and est.valid
+    settings = controller.gate.settings
+    gate = controller.gate
+    axis = settings.axis
+    target = f"{est.predicted_mm[AXES.index(axis)]:+6.2f} mm" if valid else "--"
+    if settings.mode == "phase":
+        phase = f"{est.phase:.2f}" if valid and math.isfinite(est.phase) else "--"
+        start, end = settings.phase_window
+        return f"{axis}={target} phase={phase} phase window=[{start:.2f}, {end:.2f})"
+    if settings.mode == "breath_hold":
+        if settings.breath_hold_signal == "volume":
+            level, unit, tol = controller.status.volume_l, "l", settings.breath_hold_tolerance_l
+            level_text = f"volume={level:.2f} l" if math.isfinite(level) else "volume=--"
+        else:
+            unit, tol = "mm", settings.breath_hold_tolerance_mm
+            level_text = f"{axis}={target}"
+        ref = gate.reference
+        ref_text = "--" if ref is None else f"{ref:.2f} {unit}"
+        return f"{level_text} reference={ref_text} +/-{tol:g} {unit}"
+    return f"{axis}={target} window=[{gate.lower_mm:+.1f}, {gate.upper_mm:+.1f}]"
 
 
 def _format_summary(summary: dict[str, Any]) -> str:

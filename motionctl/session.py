@@ -104,6 +104,7 @@ class SessionStatus:
     last_rx: dict[str, float] = field(default_factory=dict)
     last_refusal: str = ""  # why the last operator command was refused
     valve_closed: bool = False  # the breath-hold spirometer's valve
+    volume_l: float = math.nan  # its latest volume
     beam_fault: str | None = None
 
 
@@ -249,7 +250,7 @@ class SessionCore:
 
     def on_spirometer(self, sample: SpirometerSample) -> None:
         self._count(sample.device, sample.t_rx)
-        self._volume_l = sample.volume_l
+        self._volume_l = self.status.volume_l = sample.volume_l
         self.status.valve_closed = sample.valve_closed
         self._record(
             "spirometer_samples",

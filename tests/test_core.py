@@ -525,6 +525,46 @@ def test_the_headless_status_line_says_when_the_prediction_will_be_ready():
     assert "BEAM HOLD (prediction_learning, ready in about 14 s)" in line, line
 
 
+@pytest.mark.parametrize(
+    ("gating", "shows", "not_shown"),
+    [
+        ({"mode": "amplitude"}, ("SI=", "window=[-3.5, +1.5]"), ("phase", "reference")),
+        ({"mode": "phase"}, ("phase=", "phase window=[0.80, 0.20)"), ("window=[-3.5",)),
+        (
+            {"mode": "breath_hold"},
+            ("volume=1.25 l", "reference=1.20 l +/-0.1 l"),
+            ("window=[", "phase"),
+        ),
+    ],
+)
+def test_the_headless_status_line_shows_what_the_gate_compares_in_its_mode(
+    gating, shows, not_shown
+):
+    # In phase and breath-hold modes the status line showed the amplitude window, which
+    # those modes do not use.
+    from types import SimpleNamespace
+
+    from motionctl.cli import _status_line
+    from motionctl.types import SpirometerSample
+
+    core = _core(debounce_samples=1, center_mm=-1.0, window_mm=5.0, **gating)
+    for i in range(30):
+        _sample(core, i, i / 30)
+    core.on_spirometer(SpirometerSample("spirometer", 1, 5.0, 1.0, 1.25, 0.0, True, 0))
+    core.gate.capture_reference(1.2)
+    controller = SimpleNamespace(
+        status=core.status,
+        surrogate_device="surface",
+        session_t=lambda _t: 1.0,
+        cfg=core.cfg,
+        gate=core.gate,
+        core=core,
+    )
+    line = _status_line(controller, 1.0)
+    assert all(text in line for text in shows), line
+    assert not any(text in line for text in not_shown), line
+
+
 def test_a_breath_hold_gets_a_static_model_that_holds_the_beam_once_breathing_resumes():
     # The surface holds still at AP 0.5 mm while the target is imaged, still, at SI -0.75:
     # points that span no surrogate. They make a static model (before, none: the beam waited
