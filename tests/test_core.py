@@ -505,15 +505,11 @@ def test_phase_gating_uses_the_phase_one_horizon_ahead():
     assert not decide("predicted", 0.15, 0.25) and decide("surrogate", 0.15, 0.25)
 
 
-def test_the_headless_status_line_says_when_the_prediction_will_be_ready():
+def _console_less_controller(core):
+    """What the headless status line reads of a controller, around a bare core."""
     from types import SimpleNamespace
 
-    from motionctl.cli import _status_line
-
-    core = _core(debounce_samples=1, hold_while_prediction_learns=True)
-    for i in range(30):  # 1 s of 30 Hz samples: 14.4 s of delay vector and learning to go
-        _sample(core, i, i / 30)
-    controller = SimpleNamespace(
+    return SimpleNamespace(
         status=core.status,
         surrogate_device="surface",
         session_t=lambda _t: 1.0,
@@ -521,7 +517,15 @@ def test_the_headless_status_line_says_when_the_prediction_will_be_ready():
         gate=core.gate,
         core=core,
     )
-    line = _status_line(controller, 1.0)
+
+
+def test_the_headless_status_line_says_when_the_prediction_will_be_ready():
+    from motionctl.cli import _status_line
+
+    core = _core(debounce_samples=1, hold_while_prediction_learns=True)
+    for i in range(30):  # 1 s of 30 Hz samples: 14.4 s of delay vector and learning to go
+        _sample(core, i, i / 30)
+    line = _status_line(_console_less_controller(core), 1.0)
     assert "BEAM HOLD (prediction_learning, ready in about 14 s)" in line, line
 
 
@@ -542,7 +546,6 @@ def test_the_headless_status_line_shows_what_the_gate_compares_in_its_mode(
 ):
     # In phase and breath-hold modes the status line showed the amplitude window, which
     # those modes do not use.
-    from types import SimpleNamespace
 
     from motionctl.cli import _status_line
     from motionctl.types import SpirometerSample
@@ -552,15 +555,7 @@ def test_the_headless_status_line_shows_what_the_gate_compares_in_its_mode(
         _sample(core, i, i / 30)
     core.on_spirometer(SpirometerSample("spirometer", 1, 5.0, 1.0, 1.25, 0.0, True, 0))
     core.gate.capture_reference(1.2)
-    controller = SimpleNamespace(
-        status=core.status,
-        surrogate_device="surface",
-        session_t=lambda _t: 1.0,
-        cfg=core.cfg,
-        gate=core.gate,
-        core=core,
-    )
-    line = _status_line(controller, 1.0)
+    line = _status_line(_console_less_controller(core), 1.0)
     assert all(text in line for text in shows), line
     assert not any(text in line for text in not_shown), line
 
