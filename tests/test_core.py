@@ -546,7 +546,6 @@ def test_the_headless_status_line_shows_what_the_gate_compares_in_its_mode(
 ):
     # In phase and breath-hold modes the status line showed the amplitude window, which
     # those modes do not use.
-
     from motionctl.cli import _status_line
     from motionctl.types import SpirometerSample
 
