@@ -146,6 +146,7 @@ class ConsoleWindow(QMainWindow):
         self.editor = w.WindowEditor(gate)
         self.coaching = w.CoachingPanel()
         self._inhale_sign = inhale_direction(source.cfg, gate)
+        self._volume_span = VOLUME_SPAN_L  # the coaching bar's scale in volume holds
 
         bottom = QHBoxLayout()
         bottom.setContentsMargins(0, 0, 0, 0)
@@ -298,24 +299,21 @@ class ConsoleWindow(QMainWindow):
                 self._inhale_sign,
                 instruct=False,
             )
-        elif gate.mode == "breath_hold" and gate.breath_hold_signal == "position":
-            level = gated_level(gate, state.trace)
+        elif gate.mode == "breath_hold":
             ref = math.nan if gate.reference is None else gate.reference
             band = (ref - gate.tolerance, ref + gate.tolerance)
-            scale = self.trace.target_y_range or (ref - 10.0, ref + 10.0)
+            if gate.breath_hold_signal == "position":
+                level = gated_level(gate, state.trace)
+                scale = self.trace.target_y_range or (ref - 10.0, ref + 10.0)
+            else:
+                # The spirometer's volume, as its own patient display shows it: the level
+                # against the captured reference, on a scale of the volumes seen.
+                level = state.volume_l
+                self._volume_span = _widened(self._volume_span, level, ref)
+                scale = self._volume_span
             bar.set_level(level, band, scale, self._inhale_sign, instruct=True)
-        else:
-            # Volume holds: the spirometer's own patient display shows the volume; phase
-            # gating has no level to hold.
+        else:  # phase gating has no level to hold
             bar.set_level(math.nan, (math.nan, math.nan), (0.0, 1.0), 1.0, instruct=False)
-        self.coaching.setTitle(
-            "Patient coaching"
-            + (
-                ""
-                if gate.mode != "breath_hold" or gate.breath_hold_signal == "position"
-                else " (volume: on the spirometer's display)"
-            )
-        )
 
     def save_screenshot(self, path: str | Path) -> Path:
         """Save a PNG of the window as it is now."""
@@ -362,6 +360,19 @@ class ConsoleWindow(QMainWindow):
 # =========================================================================================
 # Entry points
 # =========================================================================================
+VOLUME_SPAN_L = (-0.1, 0.8)  # litres above end-exhale: one tidal breath, widened as seen
+
+
+def _widened(span: tuple[float, float], *values: float) -> tuple[float, float]:
+    """``span`` grown to hold each finite value with 0.1 l to spare; it never shrinks, so
+    the bar does not rescale with every breath."""
+    lo, hi = span
+    for v in values:
+        if math.isfinite(v):
+            lo, hi = min(lo, v - 0.1), max(hi, v + 0.1)
+    return lo, hi
+
+
 def display_available() -> bool:
     """True if Qt can show a window here: an X11 or Wayland display, a desktop platform, or
     ``QT_QPA_PLATFORM=offscreen`` set explicitly (headless screenshots, CI)."""

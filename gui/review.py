@@ -236,6 +236,7 @@ class ReviewSource:
             breath_hold_signal=g["breath_hold_signal"],
             reference=_value_at(self._reference, t),
             tolerance=g["breath_hold_tolerance_l"] if volume else g["breath_hold_tolerance_mm"],
+            phase_window=tuple(g["phase_window"]),
         )
 
     def _alarms(self, t: float) -> tuple[AlarmRow, ...]:

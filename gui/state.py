@@ -59,6 +59,7 @@ class GateView:
     breath_hold_signal: str = "volume"
     reference: float | None = None  # breath-hold reference level
     tolerance: float = math.nan  # breath-hold tolerance, in the reference's unit
+    phase_window: tuple[float, float] = (math.nan, math.nan)  # phase mode: [start, end)
 
     @property
     def lower_mm(self) -> float:
@@ -142,6 +143,7 @@ class ConsoleState:
     devices: tuple[DeviceRow, ...]
     model: ModelView
     valve_closed: bool = False
+    volume_l: float = math.nan  # the spirometer's latest volume (live only)
     last_refusal: str = ""
     imaging: ImagingView = NO_IMAGING
     # how long until the motion prediction can forecast (nan: unknown, e.g. in review)
@@ -367,6 +369,7 @@ class LiveSource:
             devices=self._devices(t, samples, malformed, connected, last_rx, st.beam_fault),
             model=self._model_view(gate, trace),
             valve_closed=st.valve_closed,
+            volume_l=st.volume_l,
             last_refusal=st.last_refusal,
             imaging=self._imaging_view(t, st.interlocks, new_images_only),
             # read off the controller thread's predictor: a few plain numbers
@@ -457,6 +460,7 @@ class LiveSource:
             breath_hold_signal=g["breath_hold_signal"],
             reference=gate.reference,
             tolerance=g["breath_hold_tolerance_l"] if volume else g["breath_hold_tolerance_mm"],
+            phase_window=tuple(g["phase_window"]),
         )
 
     def _devices(self, t, samples, malformed, connected, last_rx, beam_fault):

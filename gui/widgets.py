@@ -115,7 +115,7 @@ class BeamBanner(QWidget):
     def update_state(self, state: ConsoleState) -> None:
         if state.beam_enabled:
             text, colour = "BEAM ENABLED", ENABLED
-            reasons = "Target in the window; every check passes"
+            reasons = f"{_IN_GATE[state.gate.mode]}; every check passes"
         else:
             text = "BEAM HOLD"
             codes = state.reasons if state.decided else ("No decision yet: controller starting",)
@@ -168,12 +168,26 @@ def _reason_line(code: str, state: ConsoleState) -> str:
     return text
 
 
+# What "inside" means in each gating mode, for the banner while the beam is enabled.
+_IN_GATE = {
+    "amplitude": "Target in the window",
+    "phase": "Breathing phase in the window",
+    "breath_hold": "Breath held at the reference",
+}
+
+
 def _target_text(state: ConsoleState) -> str:
     gate = state.gate
     now_col, pred_col = gated_column(gate)
     trace = state.trace
     if gate.mode == "phase":
-        return "phase gating"
+        start, end = gate.phase_window
+        return f"phase gating\nphase window {start:.2f} to {end:.2f}"
+    if gate.mode == "breath_hold" and gate.breath_hold_signal == "volume":
+        v = state.volume_l
+        ref = "not captured" if gate.reference is None else f"{gate.reference:.2f} L"
+        volume = "--" if not math.isfinite(v) else f"{v:.2f} L"
+        return f"volume: {volume}\nbreath-hold reference {ref} ± {gate.tolerance:g} L"
     if not len(trace["t"]):
         return f"{gate.axis}  --\nwindow {gate.lower_mm:+.1f} to {gate.upper_mm:+.1f} mm"
     if gate.source == "surrogate":
@@ -181,10 +195,9 @@ def _target_text(state: ConsoleState) -> str:
     else:
         value, what = trace[pred_col][-1], f"{gate.axis} predicted +{gate.horizon_s:.1f} s"
     value_text = "--" if not math.isfinite(value) else f"{value:+.1f} mm"
-    if gate.mode == "breath_hold":
-        unit = "L" if gate.breath_hold_signal == "volume" else "mm"
-        ref = "not captured" if gate.reference is None else f"{gate.reference:.2f} {unit}"
-        return f"{what}: {value_text}\nbreath-hold reference {ref}"
+    if gate.mode == "breath_hold":  # on the target position
+        ref = "not captured" if gate.reference is None else f"{gate.reference:+.1f} mm"
+        return f"{what}: {value_text}\nbreath-hold reference {ref} ± {gate.tolerance:g} mm"
     return f"{what}: {value_text}\nwindow {gate.lower_mm:+.1f} to {gate.upper_mm:+.1f} mm"
 
 

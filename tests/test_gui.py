@@ -167,6 +167,37 @@ def test_banner_follows_the_controller_from_hold_to_enabled(session, console, qt
     assert coaching.detached is None and coaching.bar.window() is window
 
 
+def test_the_coaching_bar_shows_the_held_volume_against_the_reference(session, console, qtbot):
+    # In volume breath-hold mode the bar was left empty (the spirometer's own display was
+    # to coach): the therapist saw a blank box while the patient held.
+    s = session(
+        "gating.mode=breath_hold",
+        "patient.breath_hold_per_min=30",
+        "patient.breath_hold_s=3",
+    )
+    window = console(s)
+    bar, banner = window.coaching.bar, window.banner
+    qtbot.mouseClick(window.controls.enable_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: s.controller.status.valve_closed, timeout=20000)
+    qtbot.mouseClick(window.controls.capture_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: s.controller.gate.reference is not None, timeout=2000)
+    reference = s.controller.gate.reference
+    tolerance = s.cfg["gating"]["breath_hold_tolerance_l"]
+    qtbot.waitUntil(lambda: bar.message == "Hold it there", timeout=2000)
+    assert bar.band == pytest.approx((reference - tolerance, reference + tolerance))
+    assert abs(bar.level - s.controller.status.volume_l) < 0.1  # litres, as recorded
+    assert bar.scale[0] < bar.band[0] < bar.band[1] < bar.scale[1]
+    # the banner says what is compared: the volume against the reference, not a window
+    qtbot.waitUntil(lambda: banner.state_text == "BEAM ENABLED", timeout=3000)
+    assert banner.reasons_text == "Breath held at the reference; every check passes"
+    assert banner.target_text.startswith("volume: ")
+    assert f"reference {reference:.2f} L ± {tolerance:g} L" in banner.target_text
+    # the hold ends: the patient is told which way to go, and the level leaves the band
+    qtbot.waitUntil(lambda: not s.controller.status.valve_closed, timeout=6000)
+    qtbot.waitUntil(lambda: bar.message.startswith("Breathe"), timeout=3000)
+    assert not bar.inside
+
+
 def test_dragged_and_typed_windows_are_applied_on_confirmation_and_logged(session, console, qtbot):
     s = session()
     window = console(s)
