@@ -101,6 +101,8 @@ belong to the one thread that owns the interface.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -233,6 +235,41 @@ class LineSplitter:
                 self._discarding = False  # the tail of a line already reported as too long
                 continue
             lines.append(line)
+
+
+def write_all(port: serial.SerialBase, data: bytes, timeout_s: float) -> None:
+    """Write ``data`` to ``port``; raise ``serial.SerialTimeoutException`` only if the port
+    has not taken all of it within ``timeout_s`` (a device that stopped reading).
+
+    pyserial's POSIX ``write()`` with a ``write_timeout`` raises SerialTimeoutException
+    whenever its deadline has passed by the time ``os.write()`` returns, even when every
+    byte was written (pyserial issue #281, open since 2017): on a loaded machine a thread
+    descheduled for 0.1 s around a completed write reported the gating box's port as
+    failed, and the driver closed and reopened it (a spurious ``disconnected:beam`` hold,
+    seen with six simulated sessions on two cores). For a port with a file descriptor
+    (a tty, pty or USB adapter, opened non-blocking by pyserial) the bytes are written
+    here and the clock is read only while some remain; other ports (``loop://``,
+    ``socket://``) use their own ``write()``. OSError (an adapter pulled out) propagates.
+    """
+    fd = getattr(port, "fd", None)
+    if fd is None:
+        port.write(data)
+        return
+    view = memoryview(data)
+    deadline = None
+    while True:
+        try:
+            view = view[os.write(fd, view) :]
+        except (BlockingIOError, InterruptedError):
+            pass
+        if not view:
+            return
+        now = time.monotonic()
+        deadline = now + timeout_s if deadline is None else deadline
+        if now >= deadline or not select.select([], [fd], [], deadline - now)[1]:
+            raise serial.SerialTimeoutException(
+                f"Write timeout: {len(view)} of {len(data)} bytes not taken in {timeout_s:g} s"
+            )
 
 
 def reopen_with_backoff(
@@ -497,7 +534,7 @@ class BeamInterface:
         self._outstanding[seq] = _Outstanding(command, t_sent, self._sent_count)
         try:
             # Written under the lock so that seq order is wire order.
-            self._port.write(line)
+            write_all(self._port, line, WRITE_TIMEOUT_S)
         except (OSError, serial.SerialException) as exc:
             del self._outstanding[seq]
             self._mark_dead_locked("port_error", f"write failed: {exc}", t_sent)

@@ -161,6 +161,7 @@ from motionctl.drivers.beam import (
     frame,
     parse_line,
     reopen_with_backoff,
+    write_all,
 )
 from motionctl.types import DeviceEvent, SpirometerSample
 
@@ -516,7 +517,8 @@ class SpirometerDriver:
                 self._outstanding[seq] = (body, t_sent)
                 self._replies.pop(seq, None)  # a reply from 65536 commands ago
                 try:
-                    self._port.write(line)  # under the lock, so that seq order is wire order
+                    # under the lock, so that seq order is wire order
+                    write_all(self._port, line, WRITE_TIMEOUT_S)
                 except (OSError, serial.SerialException) as exc:
                     del self._outstanding[seq]
                     if not self._port_failed:  # the reader closes and reopens the port

@@ -24,6 +24,7 @@ from motionctl.drivers.beam import (
     checksum,
     frame,
     parse_line,
+    write_all,
 )
 from motionctl.simulators.linac import LinacGatingSim
 from motionctl.types import DeviceEvent
@@ -643,3 +644,41 @@ def test_failing_callback_is_a_reader_error_not_a_silent_death(sim, caplog):
         beam.close()  # still sends OFF: the port itself is fine
     assert sim.wait_for_edge(False, after=t0, timeout=WAIT_S) is not None
     assert sim.stats()["watchdog_trips"] == 0
+
+
+def test_a_completed_write_is_not_a_timeout_however_late_the_thread_runs(monkeypatch):
+    # pyserial's POSIX write() raises SerialTimeoutException if its deadline has passed
+    # when os.write() returns, even with every byte written (pyserial #281): under load the
+    # gating box's port was taken for failed, closed and reopened. A clock that runs a
+    # second per reading stands for a thread descheduled around the write.
+    import pty
+
+    master, slave = pty.openpty()
+    tty.setraw(master)
+    port = serial.serial_for_url(os.ttyname(slave), write_timeout=0.1)
+    try:
+        ticks = iter(range(10_000))
+
+        def late() -> float:
+            return float(next(ticks))
+
+        monkeypatch.setattr(serial.serialutil.Timeout, "TIME", staticmethod(late))
+        monkeypatch.setattr(time, "monotonic", late)
+        with pytest.raises(serial.SerialTimeoutException):
+            port.write(b"HB,1*00\n")  # pyserial's own write: the spurious timeout
+        write_all(port, b"HB,2*00\n", 0.1)  # every byte taken: no timeout
+        monkeypatch.undo()
+        received = b""
+        while select.select([master], [], [], 0.5)[0] and len(received) < 16:
+            received += os.read(master, 64)
+        assert received == b"HB,1*00\nHB,2*00\n"
+        # a device that stops reading: the bytes it never takes are a timeout, in time
+        t0 = time.monotonic()
+        with pytest.raises(serial.SerialTimeoutException, match="not taken in 0.1 s"):
+            for _ in range(10_000):
+                write_all(port, b"x" * 4096, 0.1)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        port.close()
+        os.close(master)
+        os.close(slave)
