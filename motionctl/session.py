@@ -134,7 +134,6 @@ class SessionCore:
         self._max_window_mm = cfg["gating"]["max_window_mm"]
         self.status = SessionStatus()
         self._estimate: MotionEstimate | None = None
-        self._volume_l = math.nan
         self._last_t_device: dict[str, float] = {}
         self._inputs_seen: set[str] = set()  # devices that have delivered an input
         self._clock_offset: dict[str, float] = {}  # device clock - session clock, per device
@@ -250,7 +249,7 @@ class SessionCore:
 
     def on_spirometer(self, sample: SpirometerSample) -> None:
         self._count(sample.device, sample.t_rx)
-        self._volume_l = self.status.volume_l = sample.volume_l
+        self.status.volume_l = sample.volume_l
         self.status.valve_closed = sample.valve_closed
         self._record(
             "spirometer_samples",
@@ -399,7 +398,7 @@ class SessionCore:
             estimate=self._estimate,
             interlocks=self.interlocks.active(),
             operator_enabled=self.status.operator_enabled,
-            volume_l=self._volume_l,
+            volume_l=self.status.volume_l,
         )
 
     def _count(self, device: str, t: float) -> None:
