@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -417,8 +418,12 @@ def _session(args: argparse.Namespace) -> int:
         endpoints = rig.endpoints()
         enable_after = cfg["session"]["operator_enable_after_s"]
         operator = "simulated_operator"
+        helpers = []
         if cfg["gating"]["mode"] == "breath_hold":
-            coach = _BreathHoldCoach(operator)
+            helpers.append(_BreathHoldCoach(operator))
+        if cfg["session"]["operator_ack_after_s"] > 0:
+            helpers.append(_Acknowledger(operator, cfg["session"]["operator_ack_after_s"]))
+        coach = _OperatorHelpers(*helpers) if helpers else None
     else:
         devices = cfg["devices"]
         surface, xray = devices["surface"], devices["xray"]
@@ -560,8 +565,41 @@ class _BreathHoldCoach:
         self._closed = closed
 
 
+class _Acknowledger:
+    """sim: the simulated operator acknowledges each interlock awaiting acknowledgement
+    ``after_s`` after it began to wait (``session.operator_ack_after_s``; 0, the default:
+    never), as a therapist does once the cause has been dealt with; refused, it tries again
+    ``after_s`` later. Logged as any acknowledgement, by ``simulated_operator``. Lets a
+    commissioning session go on after a fault whose interlock waits for a person."""
+
+    def __init__(self, operator: str, after_s: float, clock: Callable[[], float] = time.monotonic):
+        self._operator, self._after_s, self._clock = operator, after_s, clock
+        self._since: dict[str, float] = {}
+
+    def tick(self, controller) -> None:
+        from motionctl.session import OperatorCommand
+
+        now = self._clock()
+        self._since = {k: self._since.get(k, now) for k in controller.status.awaiting_ack}
+        for key, since in self._since.items():
+            if now - since >= self._after_s:
+                controller.submit(OperatorCommand("acknowledge", key, who=self._operator))
+                self._since[key] = now
+
+
+class _OperatorHelpers:
+    """The simulated operator's routine actions, each looked at every ``COACH_INTERVAL_S``."""
+
+    def __init__(self, *helpers) -> None:
+        self._helpers = helpers
+
+    def tick(self, controller) -> None:
+        for helper in self._helpers:
+            helper.tick(controller)
+
+
 def _operator_on_tick(
-    controller, enable_after: float | None, operator: str, coach: _BreathHoldCoach | None = None
+    controller, enable_after: float | None, operator: str, coach: _OperatorHelpers | None = None
 ):
     """The simulated (sim) or --enable-after (run) operator, in the console's loop."""
     enabled = False
@@ -630,7 +668,7 @@ def _supervise(
     enable_after: float | None,
     operator: str,
     cfg: dict[str, Any],
-    coach: _BreathHoldCoach | None = None,
+    coach: _OperatorHelpers | None = None,
 ) -> None:
     """Main thread: the (simulated) operator, the live status line and the session clock."""
     interval = cfg["session"]["status_interval_s"]
@@ -658,7 +696,7 @@ def _supervise(
             )
         wait = max(0.0, next_line - (start + elapsed))
         if coach is not None:
-            wait = min(wait, COACH_INTERVAL_S)  # notice the start of a hold promptly
+            wait = min(wait, COACH_INTERVAL_S)  # notice a hold or an interlock promptly
         if seconds is not None:
             wait = min(wait, max(0.0, seconds - elapsed))
         if not enabled and enable_after is not None:

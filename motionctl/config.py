@@ -25,6 +25,7 @@ AXIS_NAMES = ("LR", "SI", "AP")
 _RULES: dict[str, tuple[Any, str]] = {
     "session.commit_interval_s": (lambda v: 0 < v <= 0.1, "a number in (0, 0.1] s"),
     "session.operator_enable_after_s": (lambda v: v >= 0, "a number >= 0 s"),
+    "session.operator_ack_after_s": (lambda v: v >= 0, "a number >= 0 s"),
     "session.status_interval_s": (lambda v: v > 0, "a number > 0 s"),
     "tracking.surrogate_axis": (lambda v: v in AXIS_NAMES, "one of LR, SI, AP"),
     "tracking.horizon_s": (lambda v: 0 <= v <= 2, "a number in [0, 2] s"),

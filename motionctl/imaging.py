@@ -9,8 +9,9 @@ of a stereo frame by frame id, localises with the pure functions of ``motionctl.
 checks it against the estimate and adds it to the correlation model; the session log
 records the measurement, so replay needs no images.
 
-A stereo frame whose seeds are not found where the tracker expects them is searched again
-over the whole frame (re-acquisition, a ``reacquired`` event): seeds missing from their
+A frame whose seeds are not found where the tracker expects them is searched again, wider
+(stereo: the whole frame; mono: around the positions learned so far, over their spread;
+a ``reacquired`` event when that finds them): seeds missing from their
 search regions are what a baseline shift the surrogate does not show looks like, and that
 is for the session core's fiducial check to judge and hold on, not for the localiser to
 discard as "not found" while the beam runs on until the imager is stale.
@@ -155,42 +156,50 @@ class FiducialWorker:
                     )
                 )
 
+    def _localise_under(self, views: list[XrayFrame], prior: TargetPrior, t_acq: float):
+        if len(views) == 2:
+            pair = [(v.image, v.geometry) for v in views]
+            return localise_stereo(pair, self._plan, prior, t=t_acq, settings=self._settings)
+        first = views[0]
+        return localise_mono(
+            first.image, first.geometry, self._plan, prior, t=t_acq, settings=self._settings
+        )
+
+    def _wider_prior(self, prior: TargetPrior) -> TargetPrior | None:
+        """What a frame not found under ``prior`` is searched again under, or None: stereo,
+        the whole frame (no prior: the constellation alone is the test); mono, which needs
+        a depth, the positions learned so far without the tracker's prediction (their
+        spread over the breath sets the search regions), once there are enough."""
+        if prior.search_centre() is None:
+            return None  # already the widest
+        if self._stereo:
+            return TargetPrior()
+        if prior.predicted_mm is None or self._prior.n < self._settings.mono_min_samples:
+            return None
+        return self._prior
+
     def _localise(self, views: list[XrayFrame]) -> None:
         first = views[0]
         # Mid-exposure on the controller's clock: the device stamps wall-clock time.
         t_acq = first.t_device - (self._wall_clock() - self._clock())
         prior = frame_prior(self._prior, self._latest_estimate(), self._stereo, self._settings)
-        if len(views) == 2:
-            pair = [(v.image, v.geometry) for v in views]
-            loc = localise_stereo(pair, self._plan, prior, t=t_acq, settings=self._settings)
-            # The full-frame search costs ~100 ms: never for a frame a newer one waits behind.
-            if (
-                not loc.accepted
-                and loc.reason in _REACQUIRE
-                and prior.search_centre() is not None
-                and self._queue.empty()
-            ):
-                again = localise_stereo(
-                    pair, self._plan, TargetPrior(), t=t_acq, settings=self._settings
-                )
-                if again.accepted:
-                    centre = prior.search_centre()[0]
-                    off = math.dist(again.position_mm, centre)
-                    self._deliver(
-                        DeviceEvent(
-                            first.device,
-                            self._clock(),
-                            "reacquired",
-                            f"frame {first.frame_id}: full-frame search after "
-                            f"{loc.reason} ({loc.detail}); target {off:.1f} mm from "
-                            "the search centre",
-                        )
+        loc = self._localise_under(views, prior, t_acq)
+        # The wider search costs up to ~100 ms: never for a frame a newer one waits behind.
+        if not loc.accepted and loc.reason in _REACQUIRE and self._queue.empty():
+            wider = self._wider_prior(prior)
+            again = None if wider is None else self._localise_under(views, wider, t_acq)
+            if again is not None and again.accepted:
+                off = math.dist(again.position_mm, prior.search_centre()[0])
+                self._deliver(
+                    DeviceEvent(
+                        first.device,
+                        self._clock(),
+                        "reacquired",
+                        f"frame {first.frame_id}: wider search after {loc.reason} "
+                        f"({loc.detail}); target {off:.1f} mm from the search centre",
                     )
-                    loc = again
-        else:
-            loc = localise_mono(
-                first.image, first.geometry, self._plan, prior, t=t_acq, settings=self._settings
-            )
+                )
+                loc = again
         if loc.accepted:
             self._prior = self._prior.update(loc.position_mm, loc.rotation_deg)
         self._deliver(

@@ -90,3 +90,44 @@ def test_sim_in_breath_hold_mode_gives_a_patient_that_never_holds_coached_holds(
         _coached_breath_holds(cfg)
         assert cfg["patient"]["breath_hold_per_min"] == before
     assert capsys.readouterr().err == ""
+
+
+def test_the_simulated_operator_acknowledges_after_the_configured_time():
+    # session.operator_ack_after_s: a commissioning session goes on after a fault whose
+    # interlock waits for a person; each acknowledgement is the operator's, and a refused
+    # one is tried again later. 0 (the default) never acknowledges.
+    from types import SimpleNamespace
+
+    from motionctl.cli import _Acknowledger
+
+    assert load_config()["session"]["operator_ack_after_s"] == 0
+    now = [0.0]
+    sent = []
+    status = SimpleNamespace(awaiting_ack=())
+    controller = SimpleNamespace(status=status, submit=sent.append)
+    ack = _Acknowledger("simulated_operator", 2.0, clock=lambda: now[0])
+    for t, awaiting in [
+        (0.0, ()),
+        (1.0, ("fiducial_disagreement",)),
+        (2.9, ("fiducial_disagreement",)),
+    ]:
+        now[0], status.awaiting_ack = t, awaiting
+        ack.tick(controller)
+    assert sent == []  # waiting 1.9 s of 2
+    now[0] = 3.0
+    ack.tick(controller)
+    assert [(c.kind, c.value, c.who) for c in sent] == [
+        ("acknowledge", "fiducial_disagreement", "simulated_operator")
+    ]
+    now[0] = 4.0
+    ack.tick(controller)  # still waiting (refused): again only 2 s after the last try
+    assert len(sent) == 1
+    now[0] = 5.0
+    ack.tick(controller)
+    assert len(sent) == 2
+    status.awaiting_ack = ()
+    now[0] = 9.0
+    ack.tick(controller)
+    assert len(sent) == 2
+    with pytest.raises(ConfigError, match="operator_ack_after_s"):
+        load_config(None, ["session.operator_ack_after_s=-1"])

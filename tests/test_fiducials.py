@@ -438,26 +438,30 @@ def test_mono_on_a_rendered_view(stereo):
     assert loc.uncertainty_mm > 0.3
 
 
-def _worker_measurements(stereo, target, estimated, sigma=1.0):
-    """What the imaging worker delivers for one rendered stereo frame of the target at
-    ``target`` while the tracker's (valid) estimate is ``estimated``."""
+def _worker_measurements(stereo, target, estimated, sigma=1.0, learned=None):
+    """What the imaging worker delivers for one rendered frame of the target at ``target``
+    while the tracker's (valid) estimate is ``estimated``: a stereo pair, or with a
+    ``learned`` prior (positions localised before) one mono view."""
     from motionctl.imaging import FiducialWorker
     from motionctl.types import XrayFrame
 
     ga, gb, seeds, plan = stereo
-    views, _ = _render((ga, gb), xray.seed_poses(seeds, target), seed=11)
+    geometries = (ga, gb) if learned is None else (ga,)
+    views, _ = _render(geometries, xray.seed_poses(seeds, target), seed=11)
     estimate = MotionEstimate(
         4.0, tuple(estimated), tuple(estimated), 0.4, True, (), uncertainty_mm=sigma
     )
     out: list = []
     worker = FiducialWorker(
         plan,
-        stereo=True,
+        stereo=learned is None,
         deliver=out.append,
         latest_estimate=lambda: estimate,
         clock=lambda: 4.1,
         wall_clock=lambda: 4.1,
     )
+    if learned is not None:
+        worker._prior = learned
     for img, g in views:  # the worker's own loop, without its thread
         worker._frame(XrayFrame("xray", 7, 4.0, 4.1, img, g))
     return out
@@ -471,7 +475,7 @@ def test_seeds_away_from_the_tracked_position_are_found_and_reported_not_discard
     truth = np.array([1.0, 2.0, -1.0])
     shifted = _worker_measurements(stereo, truth, truth - [0.0, 10.0, 0.0])
     event, measurement = shifted
-    assert event.kind == "reacquired" and "full-frame search" in event.detail
+    assert event.kind == "reacquired" and "wider search" in event.detail
     assert measurement.accepted and measurement.frame_id == 7
     assert np.linalg.norm(np.asarray(measurement.position_mm) - truth) < 0.3
     # where the tracker expects them they are found in the search regions, no second search
@@ -482,6 +486,16 @@ def test_seeds_away_from_the_tracked_position_are_found_and_reported_not_discard
     ga, gb, _, plan = stereo
     (empty,) = _worker_measurements((ga, gb, [], plan), truth, truth)
     assert not empty.accepted and empty.reason
+    # mono (one gantry view): searched again around the positions learned over the breath
+    rng = np.random.default_rng(4)
+    learned = fid.TargetPrior()
+    for si in np.linspace(-6, 6, 12):
+        learned = learned.update(
+            truth - [0, 10, 0] + [0.1 * si, si, 0.3 * si] + rng.normal(0, 0.2, 3)
+        )
+    event, mono = _worker_measurements(stereo, truth, truth - [0, 10, 0], learned=learned)
+    assert event.kind == "reacquired" and mono.accepted and mono.mode == "mono"
+    assert abs(mono.position_mm[1] - truth[1]) < 0.5  # SI, across the ray: measured
 
 
 # -- KIM logs -----------------------------------------------------------------------------------
