@@ -247,3 +247,29 @@ def test_an_interlock_edge_is_judged_against_its_decision():
     assert [e.cause for e in interlock] == ["stale_data:surface", "stale_data:surface"]
     assert [round(e.latency_s, 3) for e in interlock] == [0.05, 0.2]
     assert [e.verdict for e in interlock] == [PASS, FAIL]  # 200 ms after the decision
+
+
+def test_an_xray_fault_held_at_the_next_image_passes_and_a_beam_on_during_any_fault_fails():
+    # At 1 Hz an imager's fault can only show in its next image, up to a second after it
+    # starts: the report called every X-ray fault of a default commissioning run CHECK.
+    from motionctl.report import fault_verdict
+
+    def fault(device, kind, latency, edges=0, on=True):
+        return {
+            "device": device,
+            "kind": kind,
+            "beam_on_at_start": on,
+            "hold_latency_ms": latency,
+            "beam_on_edges_during": edges,
+        }
+
+    assert fault_verdict(fault("surface", "freeze", 40.0), 1.0) == ("HELD ≤ 100 ms", "pass")
+    assert fault_verdict(fault("surface", "freeze", 140.0), 1.0)[1] == "fail"
+    assert fault_verdict(fault("xray", "nan", 960.0), 1.0) == ("HELD at the next image", "pass")
+    assert fault_verdict(fault("xray", "nan", 960.0), 8.0)[1] == "fail"  # 8 Hz: 225 ms
+    assert fault_verdict(fault("xray", "reorder", 1997.0), 1.0)[1] == "pass"  # two images
+    assert fault_verdict(fault("xray", "jump", 1300.0), 1.0)[1] == "fail"
+    assert fault_verdict(fault("xray", "nan", 500.0, edges=1), 1.0)[1] == "fail"
+    assert fault_verdict(fault("xray", "freeze", None), 1.0)[1] == "fail"
+    assert fault_verdict(fault("xray", "nan", 0.0, on=False), 1.0)[1] == "na"
+    assert fault_verdict(fault("xray", "nan", 960.0), None)[1] == "fail"  # rate unknown
