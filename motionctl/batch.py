@@ -1,7 +1,9 @@
 """Batch QA: verify, replay and report every session log of a folder, in parallel.
 
-``run_batch(in_dir, out_dir)`` takes every ``*.sqlite`` file directly in ``in_dir`` (sorted by
-name), and for each one verifies its hash chain, replays it and writes its QA report
+``run_batch(in_dir, out_dir)`` takes every session log directly in ``in_dir`` (sorted by
+name): each ``*.sqlite`` file, and any other file that begins with the SQLite header (a log
+saved as ``.db``); the other files are listed in ``skipped``, never silently passed over. For
+each one it verifies its hash chain, replays it and writes its QA report
 ``out_dir/<name>.html`` (``motionctl.report``), then writes ``out_dir/summary.csv``: one row
 per log (file, verified, duration_s, duty_cycle, residual_p95_mm, decisions_compared,
 divergences, holds, tg142, status, error, then what_if, residual_mean_mm, tg142_edges,
@@ -71,6 +73,7 @@ class BatchSummary:
     scheduler: str | None = None
     wall_s: float = 0.0
     reports: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # files in in_dir that are not logs
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -93,6 +96,34 @@ class BatchSummary:
         return len(self.rows) / self.wall_s if self.wall_s > 0 else float("inf")
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+# SQLite's own companions of a database (write-ahead log, shared memory, rollback journal).
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def _session_logs(in_dir: Path) -> tuple[list[Path], list[str]]:
+    """(the logs to review, the names of the other files): a log is a ``*.sqlite`` file
+    (even a damaged one: it is reviewed and its failure reported) or any file that begins
+    with the SQLite header. Hidden files and SQLite's companions are neither."""
+    logs, skipped = [], []
+    for path in sorted(in_dir.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.name.endswith(_COMPANIONS):
+            continue
+        if path.suffix == ".sqlite":
+            logs.append(path)
+            continue
+        try:
+            with path.open("rb") as fh:
+                is_sqlite = fh.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+        except OSError:
+            is_sqlite = False
+        if is_sqlite:
+            logs.append(path)
+        else:
+            skipped.append(path.name)
+    return logs, skipped
+
+
 def run_batch(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -102,14 +133,14 @@ def run_batch(
     force: bool = False,
     beam_delay_s: float | None = None,
 ) -> BatchSummary:
-    """Review every ``*.sqlite`` log in ``in_dir`` into ``out_dir``; see the module
+    """Review every session log in ``in_dir`` into ``out_dir``; see the module
     docstring. ``force`` and ``beam_delay_s`` are passed to each report."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise FileNotFoundError(f"{in_dir}: not a folder")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    logs = sorted(p for p in in_dir.glob("*.sqlite") if p.is_file())
+    logs, skipped = _session_logs(in_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
     if scheduler:
@@ -132,6 +163,7 @@ def run_batch(
         scheduler=scheduler,
         wall_s=time.perf_counter() - wall0,
         reports=[out_dir / row["report"] for row in rows if row["report"]],
+        skipped=skipped,
     )
 
 
@@ -188,7 +220,9 @@ def _collect(name: str, future, out_dir: Path) -> dict[str, Any]:
 
 
 def _finish(name: str, row: dict[str, Any], text: str, out_dir: Path) -> dict[str, Any]:
-    report = out_dir / f"{Path(name).stem}.html"
+    # a.sqlite -> a.html; any other name keeps its suffix (a.db -> a.db.html: no clash)
+    stem = Path(name).stem if name.endswith(".sqlite") else name
+    report = out_dir / f"{stem}.html"
     tmp = report.with_name(report.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, report)

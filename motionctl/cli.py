@@ -920,12 +920,27 @@ def _qa(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"motionctl: qa --batch: {exc}", file=sys.stderr)
             return 2
         if args.json:
-            print(json.dumps({"summary": str(batch.summary_csv), "rows": batch.rows}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "summary": str(batch.summary_csv),
+                        "rows": batch.rows,
+                        "skipped": batch.skipped,
+                    },
+                    indent=2,
+                )
+            )
         else:
             for row in batch.rows:
                 print(
                     f"{row['file']}: {row['status']}, TG-142 {row['tg142']}"
                     + (f" ({row['error']})" if row["error"] else "")
+                )
+            if batch.skipped:
+                print(
+                    f"not session logs (no SQLite header), not reviewed: {len(batch.skipped)} "
+                    f"files: {', '.join(batch.skipped[:10])}"
+                    + (" ..." if len(batch.skipped) > 10 else "")
                 )
             print(
                 f"{len(batch.rows)} logs, {len(batch.failed)} failed, {batch.wall_s:.1f} s "

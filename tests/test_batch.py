@@ -71,7 +71,7 @@ def folder(tmp_path_factory) -> Path:
     synthetic_log(root / "b_patient.sqlite", 8.0, seed=2)
     data = (root / "a_patient.sqlite").read_bytes()
     (root / "c_corrupt.sqlite").write_bytes(data[: len(data) // 3])
-    (root / "notes.txt").write_text("not a log: ignored (only *.sqlite is taken)\n")
+    (root / "notes.txt").write_text("not a log: listed as skipped\n")
     return root
 
 
@@ -118,6 +118,19 @@ def test_dask_cluster_gives_the_same_summary_rows(folder, tmp_path):
     assert sorted(p.name for p in (tmp_path / "dask").glob("*.html")) == sorted(
         p.name for p in (tmp_path / "local").glob("*.html")
     )
+
+
+def test_a_log_saved_under_another_name_is_reviewed_and_other_files_are_listed(tmp_path):
+    # Only *.sqlite was taken: a log saved as .db was passed over without a word.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    synthetic_log(logs / "saved.db", 4.0, seed=3)
+    (logs / "notes.txt").write_text("not a log\n")
+    summary = run_batch(logs, tmp_path / "qa", workers=1)
+    assert [r["file"] for r in summary.rows] == ["saved.db"]
+    assert summary.rows[0]["status"] == "ok" and summary.rows[0]["report"] == "saved.db.html"
+    assert summary.skipped == ["notes.txt"]
+    assert (tmp_path / "qa" / "saved.db.html").is_file()
 
 
 def test_an_empty_folder_gives_an_empty_summary(tmp_path):
