@@ -178,6 +178,8 @@ class ReviewSource:
             for device, t in db.execute(f"SELECT device, t FROM {table} ORDER BY n"):  # noqa: S608
                 times.setdefault(device, []).append(t)
         self._sample_t = {d: np.array(ts) for d, ts in times.items()}
+        volumes = db.execute("SELECT t, volume_l FROM spirometer_samples ORDER BY n").fetchall()
+        self._volume = np.array(volumes, dtype=float).reshape(-1, 2)  # (t, litres) rows
         self._connection: dict[str, list[tuple[float, bool]]] = {}
         self._malformed_t: dict[str, list[float]] = {}
         for t, source, kind, _detail in self.events:
@@ -219,8 +221,14 @@ class ReviewSource:
             alarms=self._alarms(t),
             devices=self._devices(t, beam_fault or None),
             model=self._model_view(gate, trace, hi - 1),
+            volume_l=self._volume_at(t),
             imaging=ImagingView(message=self._imaging_message),
         )
+
+    def _volume_at(self, t: float) -> float:
+        """The spirometer's volume last recorded at or before ``t`` (nan: none yet)."""
+        i = int(np.searchsorted(self._volume[:, 0], t, side="right")) - 1
+        return float(self._volume[i, 1]) if i >= 0 else math.nan
 
     def _gate_view(self, t: float) -> GateView:
         g = self.cfg["gating"]

@@ -143,7 +143,7 @@ class ConsoleState:
     devices: tuple[DeviceRow, ...]
     model: ModelView
     valve_closed: bool = False
-    volume_l: float = math.nan  # the spirometer's latest volume (live only)
+    volume_l: float = math.nan  # the spirometer's latest volume (at the review time)
     last_refusal: str = ""
     imaging: ImagingView = NO_IMAGING
     # how long until the motion prediction can forecast (nan: unknown, e.g. in review)

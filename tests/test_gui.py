@@ -196,6 +196,16 @@ def test_the_coaching_bar_shows_the_held_volume_against_the_reference(session, c
     qtbot.waitUntil(lambda: not s.controller.status.valve_closed, timeout=6000)
     qtbot.waitUntil(lambda: bar.message.startswith("Breathe"), timeout=3000)
     assert not bar.inside
+    # in review, the banner's volume is the one recorded at the review time
+    s.close()
+    db = sqlite3.connect(s.path)
+    t, volume = db.execute(
+        "SELECT t, volume_l FROM spirometer_samples ORDER BY n LIMIT 1 OFFSET 40"
+    ).fetchone()
+    db.close()
+    review = ReviewSource(s.path)
+    review.t = t
+    assert review.state(60.0).volume_l == volume
 
 
 def test_dragged_and_typed_windows_are_applied_on_confirmation_and_logged(session, console, qtbot):
