@@ -122,17 +122,17 @@ class SurrogateProcessor:
         elif self._last_t is not None and t <= self._last_t:
             reasons.append("clock_backwards" if t < self._last_t else "time_repeated")
         if reasons:
+            # A sample out of time is not used, but its value is still a look at the device:
+            # far from the recent median it is a jump (no time to excuse it as fast
+            # breathing), which holds for its clean period, not for this sample only.
             window = self._window
             if (
                 math.isfinite(value)
                 and len(window) >= 3
                 and "surrogate_out_of_range" not in reasons
+                and abs(value - sorted(window)[len(window) // 2]) > p.jump_mm
             ):
-                # A sample out of time is not used, but its value is still a look at the
-                # device: far from the recent median it is a jump (no time to excuse it as
-                # fast breathing), which holds for its clean period, not for this sample only.
-                if abs(value - sorted(window)[len(window) // 2]) > p.jump_mm:
-                    reasons.append("surrogate_jump")
+                reasons.append("surrogate_jump")
             return self._invalid(t, value, tuple(reasons))
 
         if self._last_t is not None and t - self._last_t > p.gap_s:
